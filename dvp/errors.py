@@ -1,0 +1,7 @@
+"""The user-facing error types that CLIs report as one line (bad config, data or checkpoint)."""
+from __future__ import annotations
+
+from dvp.config import ConfigError
+from dvp.data import DataError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError)
