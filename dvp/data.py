@@ -40,7 +40,8 @@ import scipy.io
 import torch
 import torchvision
 
-__all__ = ["DATASETS", "BatchIterator", "DataError", "DataSplits", "dynamic_binarize", "load_data"]
+__all__ = ["DATASETS", "BatchIterator", "DataError", "DataSplits", "dynamic_binarize", "load_data",
+           "model_inputs"]
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "omniglot", "cifar10", "npz")
 """The accepted values of ``data.name``."""
@@ -129,6 +130,19 @@ def dynamic_binarize(x: torch.Tensor, generator: torch.Generator | None = None) 
     must live on ``x``'s device.
     """
     return torch.bernoulli(((x + 1) / 2).clamp(0, 1), generator=generator)
+
+
+def model_inputs(x: torch.Tensor, binarize: bool, encoder_sees: str = "grey",
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the encoder and the pseudo-input see, what the likelihood models) for a batch in [-1, 1].
+
+    With `binarize`, the target is a fresh x_bin ~ Bernoulli((x+1)/2) and the encoder sees the grey levels
+    (`encoder_sees="grey"`, the paper's choice, spec §1.6) or x_bin mapped to {-1, 1} (`"binary"`).
+    """
+    if not binarize:
+        return x, x
+    x_bin = dynamic_binarize(x, generator)
+    return (x if encoder_sees == "grey" else x_bin * 2 - 1), x_bin
 
 
 class BatchIterator:

@@ -8,7 +8,7 @@ so the log-SNR is -gamma(t). Per example, summed over the C*k*k dimensions of u,
 
     -log p(u) <= L_0 + L_inf + L_T,
     L_T   = KL(N(alpha_1 u, sigma_1^2) || N(0, 1)),
-    L_0   = -log N(u; z_0 / alpha_0, exp(gamma_0)),          z_0 = alpha_0 u + sigma_0 eps_0,
+    L_0   = E -log N(u; z_0 / alpha_0, exp(gamma_0)),        z_0 = alpha_0 u + sigma_0 eps_0 (exact mean),
     L_inf = 1/2 E_{t ~ U(0,1)} gamma'(t) ||eps - eps_hat(z_t, t)||^2,   z_t = alpha_t u + sigma_t eps.
 
 Training uses one t per example; test time replaces the expectation over t by the average over t = j/T,
@@ -63,7 +63,7 @@ class LinearLogSNRSchedule(nn.Module):
 
 
 class DiffusionPrior(nn.Module):
-    """p_theta(u) for u of shape `shape` = (C, k, k), with a UNet denoiser eps_hat(z_t, t) and T grid points."""
+    """p_theta(u) over u of shape `shape` = (C, k, k): a UNet denoiser eps_hat(z_t, t) and T grid points."""
 
     def __init__(self, shape: tuple[int, int, int], model_channels: int, num_res_blocks: int, dropout: float,
                  T: int, gamma_min: float, gamma_max: float) -> None:
@@ -76,30 +76,35 @@ class DiffusionPrior(nn.Module):
         self.unet = UNet(self.shape[0], model_channels, num_res_blocks, dropout)
 
     def prior_loss(self, u: Tensor) -> Tensor:
-        """L_T = KL(N(alpha_1 u, sigma_1^2) || N(0, 1)) = 1/2 sum_i (sigma_1^2 + alpha_1^2 u_i^2 - 1 - log sigma_1^2).
+        """L_T = KL(N(alpha_1 u, sigma_1^2) || N(0, 1))
+               = 1/2 sum_i (sigma_1^2 + alpha_1^2 u_i^2 - 1 - log sigma_1^2).
 
-        Evaluated in the equivalent, cancellation-free form 1/2 sum_i (alpha_1^2 (u_i^2 - 1) + softplus(-gamma_1)),
-        using 1 - sigma^2 = alpha^2 and -log sigma^2 = softplus(-gamma). Returns [B].
+        Evaluated in the equivalent, cancellation-free form
+        1/2 sum_i (alpha_1^2 (u_i^2 - 1) + softplus(-gamma_1)), using 1 - sigma^2 = alpha^2 and
+        -log sigma^2 = softplus(-gamma). Returns [B].
         """
         u = u.float()
         gamma_1 = self.schedule(u.new_ones(()))
         alpha2_1 = torch.sigmoid(-gamma_1)
         return 0.5 * per_example(alpha2_1 * (u.pow(2) - 1) + F.softplus(-gamma_1))
 
-    def reconstruction_loss(self, u: Tensor, eps_0: Tensor) -> Tensor:
-        """L_0 = -log N(u; z_0 / alpha_0, exp(gamma_0)) with z_0 = alpha_0 u + sigma_0 eps_0.
+    def reconstruction_loss(self, u: Tensor) -> Tensor:
+        """L_0 = E_{eps_0} -log N(u; z_0 / alpha_0, exp(gamma_0)), z_0 = alpha_0 u + sigma_0 eps_0, exactly.
 
-        Since u - z_0 / alpha_0 = -(sigma_0 / alpha_0) eps_0 and sigma_0^2 / alpha_0^2 = exp(gamma_0), this is exactly
-        L_0 = 1/2 sum_i (log 2 pi + gamma_0 + eps_0i^2), evaluated in that form (no cancellation). Returns [B].
+        u - z_0 / alpha_0 = -(sigma_0 / alpha_0) eps_0 and sigma_0^2 / alpha_0^2 = exp(gamma_0), so the integrand
+        is 1/2 sum_i (log 2 pi + gamma_0 + eps_0i^2), independent of u; its expectation
+        L_0 = d/2 (log 2 pi + gamma_0 + 1) replaces the authors' one-draw estimate (same mean, no variance:
+        a noisy term inside importance weights would bias the IS-NLL). Returns [B].
         """
         gamma_0 = self.schedule(u.new_zeros(()))
-        return 0.5 * per_example(math.log(2 * math.pi) + gamma_0 + eps_0.float().pow(2))
+        d = u[0].numel()
+        return (0.5 * d * (math.log(2 * math.pi) + gamma_0 + 1.0)).expand(u.shape[0])
 
     def diffusion_loss(self, u: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """The L_inf integrand 1/2 gamma'(t) ||eps - eps_hat(z_t, t)||^2 with z_t = alpha_t u + sigma_t eps.
 
-        u, eps: [B, C, k, k]; t: [B]. The UNet runs under any active autocast; eps_hat is cast to float32 before
-        the squared error. Returns [B] in float32.
+        u, eps: [B, C, k, k]; t: [B]. The UNet runs under any active autocast; eps_hat is cast to float32
+        before the squared error. Returns [B] in float32.
         """
         u, eps = u.float(), eps.float()
         gamma_t = self.schedule(t)
@@ -109,7 +114,8 @@ class DiffusionPrior(nn.Module):
         return 0.5 * self.schedule.derivative(t) * per_example((eps - eps_hat).pow(2))
 
     def quadrature_loss(self, u: Tensor) -> Tensor:
-        """L_inf ~= 1/T sum_{j=1..T} 1/2 gamma'(t_j) ||eps_j - eps_hat(z_{t_j}, t_j)||^2, t_j = j/T, fresh eps_j.
+        """L_inf ~= 1/T sum_{j=1..T} 1/2 gamma'(t_j) ||eps_j - eps_hat(z_{t_j}, t_j)||^2,
+        t_j = j/T, with fresh noise eps_j at each point.
 
         All B*T points go through the UNet in one call. Returns [B].
         """
@@ -125,7 +131,7 @@ class DiffusionPrior(nn.Module):
         L_inf uses one t ~ U(0, 1) per example, or the T-point quadrature when `quadrature` (test time).
         """
         u = u.float()
-        l_0 = self.reconstruction_loss(u, torch.randn_like(u))
+        l_0 = self.reconstruction_loss(u)
         if quadrature:
             l_inf = self.quadrature_loss(u)
         else:
@@ -143,7 +149,8 @@ class DiffusionPrior(nn.Module):
         eps_hat = self.unet(z_t, t).float()
         return ((z_t - sigma_t * eps_hat) / alpha_t).clamp(-1.0, 1.0)
 
-    def sample_step(self, z_t: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def sample_step(self, z_t: Tensor, t: Tensor, s: Tensor,
+                    generator: torch.Generator | None = None) -> Tensor:
         """One ancestral step z_t -> z_s (s < t) of p(z_s | z_t) = q(z_s | z_t, u = x_hat(z_t, t)):
 
             z_s ~ N((alpha_{t|s} sigma_s^2 / sigma_t^2) z_t + (alpha_s sigma_{t|s}^2 / sigma_t^2) x_hat,

@@ -1,6 +1,8 @@
-"""The epsilon-prediction denoiser of the diffusion prior (spec §1.3): a single-level guided-diffusion-style UNet.
+"""The epsilon-prediction denoiser of the diffusion prior (spec §1.3): a single-level, guided-diffusion-style
+UNet.
 
-It works at the pseudo-input resolution k x k, so there is one level (channel_mult = [1]) and no down/upsampling:
+It works at the pseudo-input resolution k x k, so there is one level (channel_mult = [1]) and no
+down/upsampling:
 
     input:  conv3x3 C -> mc, then num_res_blocks ResBlocks          (every output pushed on the skip stack)
     middle: ResBlock, self-attention (1 head), ResBlock

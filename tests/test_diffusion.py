@@ -20,7 +20,7 @@ def make_prior(T: int = 25, gamma_min: float = -6.0, gamma_max: float = 7.0) -> 
 
 
 def randomise(module: nn.Module) -> nn.Module:
-    """Re-draw every conv/linear layer with PyTorch's default init, so the zero-initialised ones become non-zero."""
+    """Re-draw every conv/linear layer with PyTorch's default init (zero-initialised ones become non-zero)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             m.reset_parameters()
@@ -28,7 +28,7 @@ def randomise(module: nn.Module) -> nn.Module:
 
 
 class GaussianOptimalDenoiser(nn.Module):
-    """The exact eps-prediction for data u ~ N(0, I): E[eps | z_t] = sigma_t z_t (z_t ~ N(0, I) for a VP process)."""
+    """The exact eps-prediction for data u ~ N(0, I): E[eps | z_t] = sigma_t z_t (z_t ~ N(0, I) under VP)."""
 
     def __init__(self, schedule: LinearLogSNRSchedule) -> None:
         super().__init__()
@@ -80,16 +80,16 @@ def test_prior_loss_matches_torch_kl() -> None:
     assert torch.allclose(prior.prior_loss(u).double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_reconstruction_loss_matches_normal_log_prob() -> None:
-    """L_0 = -log N(u; z_0 / alpha_0, exp(gamma_0)), z_0 = alpha_0 u + sigma_0 eps_0."""
+def test_reconstruction_loss_is_the_exact_mean_of_the_normal_log_prob() -> None:
+    """L_0 = E_eps0 -log N(u; z_0 / alpha_0, exp(gamma_0)), z_0 = alpha_0 u + sigma_0 eps_0 (Monte Carlo mean)."""
     torch.manual_seed(0)
     prior = make_prior(gamma_min=-6.0)
-    u, eps_0 = torch.rand(6, *SHAPE) * 2 - 1, torch.randn(6, *SHAPE)
+    u, eps_0 = torch.rand(6, *SHAPE) * 2 - 1, torch.randn(20_000, 6, *SHAPE)
     alpha_0, sigma_0 = alpha_sigma(torch.tensor(-6.0, dtype=torch.float64))
     z_0 = alpha_0 * u.double() + sigma_0 * eps_0.double()
     p = torch.distributions.Normal(z_0 / alpha_0, math.exp(-6.0 / 2))
-    expected = -p.log_prob(u.double()).flatten(1).sum(1)
-    assert torch.allclose(prior.reconstruction_loss(u, eps_0).double(), expected, rtol=1e-5, atol=1e-4)
+    mc = -p.log_prob(u.double().expand_as(z_0)).flatten(2).sum(2).mean(0)
+    assert torch.allclose(prior.reconstruction_loss(u).double(), mc, atol=0.05)
 
 
 def test_loss_shape_dtype_and_log_prob() -> None:
@@ -107,9 +107,10 @@ def test_loss_shape_dtype_and_log_prob() -> None:
 def test_quadrature_matches_random_t_loss() -> None:
     """E_{t, eps}[random-t loss] = E[T-point quadrature loss] up to O(1/T) and Monte Carlo error.
 
-    Randomly initialised UNet with a non-zero head, T = 1000, 8 fixed u. The random-t loss is averaged over 4000
-    draws per u, the quadrature over 8 draws (8000 grid points per u). Tolerance: the batch means (~107 nats) agree
-    within 4 estimated standard errors of their difference (SE ~0.5 nat, asserted < 0.6), each u within 5%.
+    Randomly initialised UNet with a non-zero head, T = 1000, 8 fixed u. The random-t loss is averaged over
+    4000 draws per u, the quadrature over 8 draws (8000 grid points per u). Tolerance: the batch means
+    (~107 nats) agree within 4 estimated standard errors of their difference (SE ~0.5 nat, asserted < 0.6),
+    and each u within 5%.
     """
     torch.manual_seed(0)
     prior = make_prior(T=1000)
@@ -126,14 +127,15 @@ def test_quadrature_matches_random_t_loss() -> None:
 
 
 def test_bound_is_valid_and_nearly_tight_for_gaussian_data() -> None:
-    """With the exact denoiser for u ~ N(0, I), the expected bound has a closed form that upper-bounds -log p(u).
+    """With the exact denoiser for u ~ N(0, I), the expected bound has a closed form above -log p(u).
 
-    With eps_hat = sigma_t z_t the model's z_0 is exactly N(0, I), so p(u) = N(0, (1 + 2 e^{gamma_0}) I). Integrating
-    L_0 + L_inf + L_T over eps and t (using d sigma^2/d gamma = alpha^2 sigma^2, d(-log sigma^2)/d gamma = alpha^2):
-        E[bound] = d/2 (log 2 pi + gamma_0 - log sigma_0^2 + sigma_0^2) + alpha_0^2 ||u||^2 / 2  >=  -log p(u),
-    with a gap of 0.2-0.5 nat here (gamma_0 = -3). The Monte Carlo means of loss() (random t: 200k draws per u;
-    quadrature, T = 1000: 1000 draws per u) must match it within 4 estimated standard errors (SE < 0.1 nat),
-    and the random-t mean must exceed -log p(u).
+    With eps_hat = sigma_t z_t the model's z_0 is exactly N(0, I), so p(u) = N(0, (1 + 2 e^{gamma_0}) I).
+    Integrating L_0 + L_inf + L_T over eps and t (with d sigma^2 / d gamma = alpha^2 sigma^2 and
+    d log sigma^2 / d gamma = alpha^2):
+        E[bound] = d/2 (log 2 pi + gamma_0 - log sigma_0^2 + sigma_0^2) + alpha_0^2 ||u||^2 / 2 >= -log p(u),
+    with a gap of 0.2-0.5 nat here (gamma_0 = -3). The Monte Carlo means of loss() (random t: 200k draws
+    per u; quadrature, T = 1000: 1000 draws per u) must match it within 4 estimated standard errors
+    (SE < 0.1 nat), and the random-t mean must exceed -log p(u).
     """
     torch.manual_seed(0)
     gamma_0 = -3.0  # larger than the configs' -6/-10, so that the L_0 and L_T terms matter
@@ -171,8 +173,8 @@ def test_x_hat_is_clamped() -> None:
 
 def test_samples() -> None:
     """Shape, finiteness, device, reproducibility, and |u| <= 1.5 (observed max ~1.15): the last step returns
-    u = alpha_0 ((1 - c) z_t / alpha_t + c x_hat) + sigma_0 sqrt(c) eps with x_hat in [-1, 1], c ~ 0.4 and noise
-    scale sigma_0 sqrt(c) ~ 0.03 (gamma_0 = -6), so u exceeds +-1 only slightly."""
+    u = alpha_0 ((1 - c) z_t / alpha_t + c x_hat) + sigma_0 sqrt(c) eps with x_hat in [-1, 1], c ~ 0.4 and
+    noise scale sigma_0 sqrt(c) ~ 0.03 (gamma_0 = -6), so u exceeds +-1 only slightly."""
     torch.manual_seed(0)
     prior = make_prior().eval()
     randomise(prior.unet)
@@ -189,7 +191,8 @@ def test_prior_training_reduces_loss() -> None:
     """Adam on the prior alone, 64 fixed u in [-1, 1]^(1x4x4), 200 steps.
 
     At init eps_hat = 0, so L_inf = 1/2 * 13 * E||eps||^2 = 104 nats and the total is ~80 nats. Required: the
-    quadrature L_inf drops by a factor >= 2 and the total (quadrature) loss by >= 40 nats.
+    quadrature L_inf drops by a factor >= 2 and the total (quadrature) loss by >= 40 nats (observed over seeds:
+    L_inf 104 -> ~34, total ~80 -> ~10).
     """
     torch.manual_seed(0)
     prior = make_prior()
@@ -212,8 +215,9 @@ def test_prior_training_reduces_loss() -> None:
 
 
 def test_bf16_autocast_matches_fp32() -> None:
-    """Under CPU bf16 autocast only the UNet runs in bf16; the loss stays float32 and within 3% + 0.5 nat of the
-    fp32 value per example (observed: <= 1.5%, from the bf16 rounding of eps_hat of a random, non-zero-head UNet)."""
+    """Under CPU bf16 autocast only the UNet runs in bf16; the loss stays float32 and within 3% + 0.5 nat of
+    the fp32 value per example (observed <= 2.3% over seeds: bf16 rounding of eps_hat of a random,
+    non-zero-head UNet)."""
     torch.manual_seed(0)
     prior = make_prior()
     randomise(prior.unet)
