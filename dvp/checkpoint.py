@@ -55,7 +55,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                               f"refused (it could run code when loaded): {str(e).splitlines()[0]}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or not a torch file ({str(e).splitlines()[0]}); "
-                              "use another checkpoint (checkpoints/best.pt or last.pt) or start a new run_dir") from None
+                              "use another checkpoint (checkpoints/best.pt or last.pt) or start a new run_dir"
+                              ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dvp checkpoint (no 'format: {FORMAT}' tag)")
     if state.get("version") != VERSION:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.precision": ("fp32", "bf16"),
     "dist.zero_stage": (0, 1, 2, 3),
     "eval.is_weight": ("iwae", "analytic_kl"),
+    "eval.weights": ("ema", "raw"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
 

@@ -1,7 +1,7 @@
-"""`dvp-eval run_dir=DIR [checkpoint=best|last|PATH] [eval.is_samples=K] [eval.max_images=N] [data.root=DIR]`
+"""`dvp-eval run_dir=DIR [checkpoint=best|last|PATH] [eval.is_samples=K] [eval.max_images=N] [out=FILE.json]`
 
-Evaluates a checkpoint's EMA weights on the test set: the negative ELBO (diffusion term by its T-point quadrature),
-the importance-sampled NLL with K samples (`eval.is_weight=iwae`, the valid estimator, unless asked otherwise),
+Evaluates a checkpoint's EMA weights (or raw ones: eval.weights=raw) on the test set: the negative ELBO
+(diffusion term by its T-point quadrature), the importance-sampled NLL with K samples (`eval.is_weight=iwae`, the valid estimator, unless asked otherwise),
 bits/dim, active units, per-layer KL and the sampling time per image. Writes `<checkpoint>.eval.json` next to the
 checkpoint and prints a table. `artifact=ENTITY/PROJECT/NAME:ALIAS` evaluates a checkpoint logged to wandb
 (online only) instead of a local run dir.
@@ -52,8 +52,9 @@ def evaluate_elbo(model: HierarchicalVAE, x_all: torch.Tensor, cfg: DictConfig,
 
 @torch.no_grad()
 def evaluate_test(model: HierarchicalVAE, x_test: torch.Tensor, cfg: DictConfig, checkpoint: Path,
-                  log: Any = None, step: int = 0, seed: int = 0) -> dict[str, float]:
-    """Test-set ELBO, IS-NLL, bpd, active units, per-layer KL and sampling time; JSON next to `checkpoint`."""
+                  log: Any = None, step: int = 0, seed: int = 0, out: Path | None = None) -> dict[str, float]:
+    """Test-set ELBO, IS-NLL, bpd, active units, per-layer KL and sampling time; JSON written to `out`, by default
+    next to `checkpoint` (`best.eval.json`, or `best.raw.eval.json` for eval.weights=raw)."""
     e = cfg.eval
     x_test = x_test[:e.max_images] if e.max_images else x_test
     device = next(model.parameters()).device
@@ -77,9 +78,10 @@ def evaluate_test(model: HierarchicalVAE, x_test: torch.Tensor, cfg: DictConfig,
         sample_s = (time.perf_counter() - start) / 100
     nll_mean = nll_sum / len(x_test)
     results.update({"nll": nll_mean, "bpd": float(bits_per_dim(torch.tensor(nll_mean), model.image_shape)),
-                    "is_samples": e.is_samples, "is_weight": e.is_weight, "images": len(x_test),
+                    "is_samples": e.is_samples, "is_weight": e.is_weight, "weights": e.weights,
+                    "images": len(x_test),
                     "sample_seconds_per_image": sample_s, "checkpoint": str(checkpoint)})
-    out = checkpoint.with_suffix(".eval.json")
+    out = out or checkpoint.with_suffix(".eval.json" if e.weights == "ema" else ".raw.eval.json")
     out.write_text(json.dumps(results, indent=2))
     print_table(results)
     print(f"results: {out}")
@@ -106,9 +108,11 @@ def print_table(results: dict[str, Any]) -> None:
 
 def evaluate_cli(argv: list[str]) -> int:
     from dvp.runs import load_run
-    run = load_run(argv, allowed_prefixes=("eval.", "data.root", "data.download", "train.precision"))
+    run = load_run(argv, allowed_prefixes=("eval.", "data.root", "data.download", "train.precision"),
+                   extra=("out",))
     data = run.data()
-    evaluate_test(run.model, data.test, run.cfg, run.checkpoint)
+    out = Path(run.args["out"]) if "out" in run.args else None
+    evaluate_test(run.model, data.test, run.cfg, run.checkpoint, out=out)
     return 0
 
 

@@ -50,9 +50,6 @@ def lr_at(epoch: int, t: DictConfig) -> float:
     return t.lr_min + (t.lr - t.lr_min) * (1 + math.cos(math.pi * min(epoch, t.lr_epochs) / t.lr_epochs)) / 2
 
 
-def device_for(cfg: DictConfig) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def prepare(cfg: DictConfig) -> tuple[DataSplits, HierarchicalVAE]:
     """Load the data (errors before any compute), check the config against its shape, build the model and fit the
@@ -113,7 +110,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     cfg.run_dir = str(run_dir)
     data, model = prepare(cfg)
     t = cfg.train
-    device = device_for(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     engine = TorchEngine(model.to(device), t, data.shape)
     batches = BatchIterator(data.train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True,
                             flip=cfg.data.flip)

@@ -55,7 +55,8 @@ def checkpoint_path(args: dict[str, str]) -> Path:
 
 
 def load_run(argv: list[str], allowed_prefixes: tuple[str, ...], extra: tuple[str, ...] = ()) -> Run:
-    """Parse `key=value` arguments, load the checkpoint and build its EMA model on the best device."""
+    """Parse `key=value` arguments, load the checkpoint and build its model (EMA or raw weights, `eval.weights`)
+    on the best device."""
     args: dict[str, str] = {}
     overrides = []
     for a in argv:
@@ -75,5 +76,5 @@ def load_run(argv: list[str], allowed_prefixes: tuple[str, ...], extra: tuple[st
                                                            OmegaConf.from_dotlist(overrides))))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, tuple(state["image_shape"]))
-    model.load_state_dict(state["engine"]["ema"])
+    model.load_state_dict(state["engine"]["ema" if cfg.eval.weights == "ema" else "model"])
     return Run(cfg, model.to(device).eval(), path, args)

@@ -21,7 +21,7 @@ from dvp.runs import load_run
 
 
 def sample_cli(argv: list[str]) -> int:
-    run = load_run(argv, allowed_prefixes=(), extra=("n", "temperature", "out", "seed"))
+    run = load_run(argv, allowed_prefixes=("eval.weights",), extra=("n", "temperature", "out", "seed"))
     try:
         n = int(run.args.get("n", 64))
         temperature = float(run.args.get("temperature", 1.0))

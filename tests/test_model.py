@@ -235,3 +235,21 @@ def test_u_term_is_log_q_minus_the_diffusion_bound() -> None:
     u = u_mean + torch.exp(0.5 * omega) * torch.randn_like(u_mean)
     expected = gaussian_log_prob(u, u_mean, omega.expand_as(u)) - model.prior_u.log_prob(u, quadrature=True)
     assert torch.allclose(terms.kl_u, expected, atol=1e-3)
+
+
+def test_discretised_logistic_mixture_sums_to_one_over_the_256_levels() -> None:
+    from dvp.likelihoods import LogisticMixture
+    lik = LogisticMixture(1, 5)
+    torch.manual_seed(0)
+    params = (torch.randn(1, lik.out_channels, 1, 1) * 2).expand(256, -1, -1, -1)
+    levels = (torch.arange(256, dtype=torch.float32) / 127.5 - 1).view(256, 1, 1, 1)
+    total = torch.logsumexp(lik.log_prob(params, levels), 0)
+    assert abs(total.item()) < 1e-3
+
+
+def test_downsample_pseudo_input_variant_runs() -> None:
+    cfg = compose(["model.ctx_type=downsample"])
+    model = build_model(cfg, (1, 8, 8))
+    x, target = _batch(cfg, (1, 8, 8), 3)
+    assert torch.isfinite(model(x, target).nelbo).all()
+    assert model.pseudo_input(x).shape == (3, 1, 4, 4)

@@ -1,0 +1,208 @@
+"""Training throughput of the MNIST DVP-VAE (`experiment=mnist/dvp_vae`, batch 250) under several engine settings.
+
+    python benchmarks/train_throughput.py --data-root /work/shared/data          # ~10 min on 2 CPU cores
+    python benchmarks/train_throughput.py --steps 2 --warmup 1 --settings fp32_eager bf16   # a quick check
+
+Every setting runs in its own subprocess (`--setting NAME --child`, which prints one JSON line), so peak memory
+is per setting. All settings start from the same initialisation (train.seed), see the same batches (real MNIST
+with `--data-root`, else random grey images; targets binarised with a seeded generator) and the same model noise
+seed, and run `--warmup` + `--steps` optimizer steps through `TorchEngine.step`. Warm-up steps (where
+torch.compile compiles) are timed separately; the timed steps give the median seconds per step. The -ELBO of
+every step is recorded so that equal steps can be compared across settings: `nelbo_final` is the mean over the
+last 5 timed steps and `dnelbo_rel` its relative difference to fp32_eager. (Compiled code draws its noise from
+Inductor's own generator, so compiled settings see different z/u/t noise: their difference includes sampling
+noise.)
+
+The parent also measures the model FLOPs of one training step per image (forward + backward, fp32 eager,
+`torch.utils.flop_counter`) and this machine's dense matmul peak (4096^2 bf16 and fp32 `torch.matmul`, best of
+a few), and reports GFLOP/s achieved and its fraction of the bf16 peak. Results go to `--out` as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dvp.config import compose
+from dvp.data import load_data, model_inputs
+from dvp.engine import TorchEngine
+from dvp.loop import lr_at
+from dvp.model import HierarchicalVAE, build_model
+from dvp.objectives import elbo_stats
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "fp32_eager": {"precision": "fp32", "channels_last": False, "compile": False},
+    "bf16": {"precision": "bf16", "channels_last": False, "compile": False},
+    "bf16_cl": {"precision": "bf16", "channels_last": True, "compile": False},
+    "bf16_cl_compile": {"precision": "bf16", "channels_last": True, "compile": True},
+    "fp32_compile": {"precision": "fp32", "channels_last": False, "compile": True},
+}
+BASELINE = "fp32_eager"
+BATCH = 250
+LAST = 5   # timed steps averaged into nelbo_final
+
+
+def config(setting: str, seed: int) -> Any:
+    s = SETTINGS[setting]
+    return compose(["experiment=mnist/dvp_vae", f"train.batch_size={BATCH}", f"train.seed={seed}",
+                    f"train.precision={s['precision']}", f"train.channels_last={str(s['channels_last']).lower()}",
+                    f"train.compile={str(s['compile']).lower()}"])
+
+
+def images(data_root: str | None, seed: int) -> torch.Tensor:
+    """The training images in [-1, 1]: MNIST's training split, or 10,000 random grey images."""
+    if data_root:
+        return load_data("mnist", data_root).train
+    return torch.rand(10_000, 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def batches(train: torch.Tensor, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n fixed (input, binarised target) batches, identical for every setting."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=g)
+    idx = idx.repeat(-(-n * BATCH // len(idx)))[:n * BATCH]
+    return [model_inputs(train[idx[i * BATCH:(i + 1) * BATCH]], binarize=True, generator=g) for i in range(n)]
+
+
+def model_for(cfg: Any, train: torch.Tensor) -> HierarchicalVAE:
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, (1, 28, 28))
+    model.pseudo_input.fit_scale(train)
+    return model
+
+
+def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train warm-up + timed steps under one setting; returns its measurements."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config(setting, args.seed)
+    train = images(args.data_root, args.seed)
+    data = batches(train, args.warmup + args.steps, args.seed)
+    engine = TorchEngine(model_for(cfg, train), cfg.train, (1, 28, 28))
+    engine.set_lr(lr_at(0, cfg.train))
+    torch.manual_seed(args.seed + 1)   # the model's noise (z, u, t, eps)
+    times, nelbos = [], []
+    for x, x_target in data:
+        t0 = time.perf_counter()
+        stats = engine.step(x, x_target)
+        times.append(time.perf_counter() - t0)
+        nelbos.append(stats["nelbo"])
+    timed = times[args.warmup:]
+    median = statistics.median(timed)
+    return {"setting": setting, **SETTINGS[setting], "threads": torch.get_num_threads(),
+            "warmup_steps": args.warmup, "timed_steps": args.steps,
+            "first_step_s": times[0], "warmup_s": sum(times[:args.warmup]),
+            "s_per_step": median, "s_per_step_min": min(timed), "images_per_s": BATCH / median,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "nelbo_steps": nelbos, "nelbo_final": statistics.fmean(nelbos[-min(LAST, args.steps):])}
+
+
+def flops_per_image(args: argparse.Namespace) -> float:
+    """FLOPs of one fp32 eager training step (forward, loss, backward) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = config(BASELINE, args.seed)
+    train = images(args.data_root, args.seed)
+    model = model_for(cfg, train).train()
+    x, x_target = batches(train, 1, args.seed)[0]
+    with FlopCounterMode(display=False) as counter:
+        elbo_stats(model(x, x_target), (1, 28, 28))["loss"].backward()
+    return counter.get_total_flops() / BATCH
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+    """Best-of-`reps` TFLOP/s of an n x n x n `torch.matmul` in `dtype`."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def run_setting(setting: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", "--setting", setting, "--seed", str(args.seed),
+           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--data-root", args.data_root] if args.data_root else []
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"setting {setting} failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - t0
+    print(f"  {setting}: {result['s_per_step']:.3f} s/step, {result['images_per_s']:.0f} img/s "
+          f"({result['process_s']:.0f} s)", flush=True)
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = ("setting", "s/step", "img/s", "speedup", "GFLOP/s", "% bf16 peak", "peak MiB", "final nelbo",
+            "Δnelbo vs fp32")
+    rows = [head] + [(r["setting"], f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.0f}",
+                      f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-",
+                      f"{r['gflops']:.1f}", f"{100 * r['frac_bf16_peak']:.1f}%", f"{r['peak_rss_mib']:.0f}",
+                      f"{r['nelbo_final']:.2f}",
+                      f"{100 * r['dnelbo_rel']:+.2f}%" if r["dnelbo_rel"] is not None else "-")
+                     for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--steps", type=int, default=10, help="timed steps per setting")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (compilation happens here)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    p.add_argument("--data-root", default=None, help="directory with mnist.npz (default: random grey images)")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
+    p.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.setting, args)), flush=True)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps, data: {args.data_root or 'random'}", flush=True)
+    flops = flops_per_image(args)
+    peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    print(f"  {flops / 1e9:.3f} GFLOP per image per training step; matmul peak bf16 {peak['bf16']:.2f}, "
+          f"fp32 {peak['fp32']:.2f} TFLOP/s", flush=True)
+    results = [run_setting(s, args) for s in args.settings]
+    base = next((r for r in results if r["setting"] == BASELINE), None)
+    for r in results:
+        r["gflops"] = flops * r["images_per_s"] / 1e9
+        r["frac_bf16_peak"] = r["gflops"] / (peak["bf16"] * 1e3)
+        r["speedup"] = r["images_per_s"] / base["images_per_s"] if base else None
+        r["dnelbo_rel"] = (r["nelbo_final"] - base["nelbo_final"]) / abs(base["nelbo_final"]) if base else None
+    out = {"experiment": "mnist/dvp_vae", "batch_size": BATCH, "torch": torch.__version__,
+           "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "data": args.data_root or "random", "seed": args.seed, "warmup_steps": args.warmup,
+           "timed_steps": args.steps, "flops_per_image": flops, "matmul_peak_tflops": peak, "results": results}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(table(results))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
