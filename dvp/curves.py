@@ -8,6 +8,7 @@ Series a file lacks are skipped, and so are null (non-finite) values.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,23 @@ def compare_curves(runs: dict[str, Path], out_path: Path, key: str = "nelbo", sp
         raise ValueError(f"no run has {split} {key!r}: {', '.join(str(p) for p in runs.values())}")
     _finish_axes(ax, f"{split} {key} ({UNITS[key]})" if key in UNITS else f"{split} {key}")
     return _save(fig, out_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dvp.curves OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]`: one run's curves, or several runs'
+    validation -ELBO compared (plus OUT-stem_<label>.png with each run's own curves)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or any("=" not in a for a in args[1:]):
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    out = Path(args[0])
+    runs = {label: Path(d) / "metrics.jsonl" for label, d in (a.split("=", 1) for a in args[1:])}
+    for label, path in runs.items():
+        print(plot_curves(path, out.with_name(f"{out.stem}_{label}.png"), title=label))
+    if len(runs) > 1:
+        print(compare_curves(runs, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

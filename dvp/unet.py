@@ -29,6 +29,14 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm on a contiguous copy of its input: at this size (k x k maps, one or two channels per group)
+    PyTorch's channels_last CPU kernel is ~20x slower in bf16 (~6x in fp32) than the contiguous one."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.contiguous())
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 1e4) -> Tensor:
     """Sinusoidal embedding [cos(t w_j), sin(t w_j)], w_j = max_period^(-j / (dim/2)), j = 0..dim/2 - 1.
 
@@ -52,10 +60,10 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, emb_channels: int, out_channels: int, dropout: float,
                  num_groups: int) -> None:
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(num_groups, in_channels), nn.SiLU(),
+        self.in_layers = nn.Sequential(GroupNorm(num_groups, in_channels), nn.SiLU(),
                                        nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
-        self.out_norm = nn.GroupNorm(num_groups, out_channels)
+        self.out_norm = GroupNorm(num_groups, out_channels)
         self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout),
                                         zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip = (nn.Identity() if in_channels == out_channels
@@ -76,7 +84,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, num_groups: int) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm = GroupNorm(num_groups, channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_init(nn.Conv1d(channels, channels, 1))
 
@@ -107,7 +115,7 @@ class UNet(nn.Module):
         self.middle_attn = AttentionBlock(mc, num_groups)
         self.middle_out = res_block(mc)
         self.output_blocks = nn.ModuleList(res_block(2 * mc) for _ in range(num_res_blocks + 1))
-        self.out = nn.Sequential(nn.GroupNorm(num_groups, mc), nn.SiLU(),
+        self.out = nn.Sequential(GroupNorm(num_groups, mc), nn.SiLU(),
                                  zero_init(nn.Conv2d(mc, in_channels, 3, padding=1)))
 
     def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
