@@ -108,8 +108,10 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     if saved is not None:
         cfg = resume_config(cfg, saved["config"], overrides or [])
     cfg.run_dir = str(run_dir)
-    data, model = prepare(cfg)
     t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    data, model = prepare(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     engine = TorchEngine(model.to(device), t, data.shape)
     batches = BatchIterator(data.train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True,

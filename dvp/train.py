@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from dvp.cli import run_cli
 from dvp.config import compose
 from dvp.loop import train
 
 
 def train_cli(argv: list[str]) -> int:
-    cfg = compose(argv)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    run_dir = train(cfg, argv)
+    run_dir = train(compose(argv), argv)
     print(f"run_dir={run_dir}")
     return 0
 
