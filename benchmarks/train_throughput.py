@@ -90,6 +90,7 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
     engine = TorchEngine(model_for(cfg, train), cfg.train, (1, 28, 28))
     engine.set_lr(lr_at(0, cfg.train))
     torch.manual_seed(args.seed + 1)   # the model's noise (z, u, t, eps)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times, nelbos = [], []
     for x, x_target in data:
         t0 = time.perf_counter()
@@ -103,6 +104,7 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
             "first_step_s": times[0], "warmup_s": sum(times[:args.warmup]),
             "s_per_step": median, "s_per_step_min": min(timed), "images_per_s": BATCH / median,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_before_steps_mib": rss_before,
             "nelbo_steps": nelbos, "nelbo_final": statistics.fmean(nelbos[-min(LAST, args.steps):])}
 
 
@@ -182,11 +184,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, data: {args.data_root or 'random'}", flush=True)
+    results = [run_setting(s, args) for s in args.settings]   # first: a child inherits the parent's peak RSS
     flops = flops_per_image(args)
     peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     print(f"  {flops / 1e9:.3f} GFLOP per image per training step; matmul peak bf16 {peak['bf16']:.2f}, "
           f"fp32 {peak['fp32']:.2f} TFLOP/s", flush=True)
-    results = [run_setting(s, args) for s in args.settings]
     base = next((r for r in results if r["setting"] == BASELINE), None)
     for r in results:
         r["gflops"] = flops * r["images_per_s"] / 1e9

@@ -1,20 +1,7 @@
 """Convolutional building blocks of the encoder and the top-down decoder (spec §2). SiLU throughout."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
-
-
-def in_format_of(x: Tensor, weight: Tensor) -> Tensor:
-    """x in the memory format (channels_last or contiguous) of a k x k convolution weight, k > 1.
-
-    Convolutions with one input channel (stem, z_up, head) and concatenations with one-channel maps return
-    contiguous tensors in a channels_last model; a residual stream whose format differs from its branch's sends
-    every elementwise backward (SiLU, add) down a strided path several times slower, plus format copies.
-    """
-    if weight.is_contiguous(memory_format=torch.channels_last):
-        return x.contiguous(memory_format=torch.channels_last)
-    return x.contiguous()
 
 
 def conv(c_in: int, c_out: int, kernel: int) -> nn.Conv2d:
@@ -32,7 +19,6 @@ class EncoderResBlock(nn.Module):
         self.skip = nn.Identity() if c_in == c_out else conv(c_in, c_out, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = in_format_of(x, self.net[3].weight)
         return self.skip(x) + self.net(x)
 
 
@@ -53,5 +39,4 @@ class DecoderResBlock(nn.Module):
         self.skip = nn.Identity() if c_in == c_out else conv(c_in, c_out, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = in_format_of(x, self.net[2].weight)
         return self.skip(x) + self.net(x)
