@@ -129,7 +129,7 @@ class HierarchicalVAE(nn.Module):
 
     def __init__(self, cfg: DictConfig, image_shape: tuple[int, int, int], resolutions: list[int]) -> None:
         super().__init__()
-        c, h, _ = image_shape
+        c = image_shape[0]
         self.cfg, self.image_shape, self.kind = cfg, image_shape, cfg.name
         num_ch, hid, zc = cfg.num_ch, max(1, round(cfg.num_ch * cfg.block_ch_mult)), cfg.latent_width
         self.encoder = Encoder(c, num_ch, hid, cfg.enc_blocks_per_scale, len(resolutions), cfg.start_scale_at_x,
@@ -196,10 +196,10 @@ class HierarchicalVAE(nn.Module):
         return self.head(a)
 
     def _top_down(self, batch: int, feats: list[Tensor] | None, u: Tensor | None,
-                  temperature: float = 1.0) -> tuple[Tensor, list[Tensor], list[tuple], list[Tensor]]:
+                  temperature: float = 1.0) -> tuple[Tensor, list[Tensor], list[tuple]]:
         """Run the ladder; posterior sampling when `feats` is given, prior sampling otherwise.
 
-        Returns x-params, the z samples, per-layer (mu_p, logvar_p, mu_q, logvar_q) and the top z (for vamp).
+        Returns x-params, the z samples (top first) and per-layer (mu_p, logvar_p, mu_q, logvar_q).
         """
         ctx = self._contexts(u) if u is not None else None
         s = self.s_top.expand(batch, -1, -1, -1)
@@ -222,7 +222,7 @@ class HierarchicalVAE(nn.Module):
             nxt = self.layout[i + 1][1] if i + 1 < len(self.layout) else r
             if nxt != r:
                 s = F.interpolate(s, size=(nxt, nxt), mode="bilinear", align_corners=False)
-        return self._aggregate(zs, s), zs, stats, zs[0]
+        return self._aggregate(zs, s), zs, stats
 
     # ---- the three uses -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, x_target: Tensor, quadrature: bool = False) -> Terms:
@@ -242,7 +242,7 @@ class HierarchicalVAE(nn.Module):
             log_pu = self.prior_u.log_prob(u, quadrature=quadrature)
             kl_u = log_qu - log_pu
             log_pu_minus_qu = -kl_u
-        params, zs, stats, z_top = self._top_down(b, self.encoder(x), u)
+        params, zs, stats = self._top_down(b, self.encoder(x), u)
         log_px = self.likelihood.log_prob(params, x_target)
         kls, log_ratio = [], torch.zeros(b, device=x.device)
         for z, (mu_p, logvar_p, mu_q, logvar_q) in zip(zs, stats):
