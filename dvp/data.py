@@ -41,7 +41,7 @@ import torch
 import torchvision
 
 __all__ = ["DATASETS", "BatchIterator", "DataError", "DataSplits", "dynamic_binarize", "load_data",
-           "model_inputs"]
+           "load_data_config", "model_inputs"]
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "omniglot", "cifar10", "npz")
 """The accepted values of ``data.name``."""
@@ -121,6 +121,12 @@ def load_data(name: str, root: PathArg | None, download: bool = False, val_size:
     if name == "npz":
         return _load_npz(root, val_size, split_seed)
     raise DataError(f"unknown dataset {name!r}: data.name must be one of {', '.join(DATASETS)}")
+
+
+def load_data_config(data_cfg: Mapping) -> DataSplits:
+    """`load_data` with the arguments of a config's `data` section (name, root, download, val_size, split_seed)."""
+    return load_data(data_cfg["name"], data_cfg["root"], download=data_cfg["download"],
+                     val_size=data_cfg["val_size"], split_seed=data_cfg["split_seed"])
 
 
 def dynamic_binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -20,8 +20,8 @@ def info(overrides: list[str]) -> int:
     cfg = compose(overrides)
     shape = DATASET_SHAPES.get(cfg.data.name)
     if shape is None:
-        from dvp.data import load_data
-        shape = load_data(cfg.data.name, cfg.data.root).shape
+        from dvp.data import load_data_config
+        shape = load_data_config(cfg.data).shape
     print(OmegaConf.to_yaml(cfg), end="")
     counts = parameter_counts(build_model(cfg, shape))
     total = counts.pop("total")

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dvp.checkpoint import load_checkpoint, save_checkpoint
 from dvp.config import ConfigError, from_dict, to_dict, validate
-from dvp.data import BatchIterator, DataSplits, load_data, model_inputs
+from dvp.data import BatchIterator, DataSplits, load_data_config, model_inputs
 from dvp.engine import TorchEngine
 from dvp.evaluate import evaluate_elbo, evaluate_test
 from dvp.logger import RunLogger
@@ -54,8 +54,7 @@ def lr_at(epoch: int, t: DictConfig) -> float:
 def prepare(cfg: DictConfig) -> tuple[DataSplits, HierarchicalVAE]:
     """Load the data (errors before any compute), check the config against its shape, build the model and fit the
     DCT normalisation on the training split only."""
-    d = cfg.data
-    data = load_data(d.name, d.root, download=d.download, val_size=d.val_size, split_seed=d.split_seed)
+    data = load_data_config(cfg.data)
     validate(cfg, data.shape)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, data.shape)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dvp.checkpoint import CheckpointError, load_checkpoint
 from dvp.config import ConfigError, from_dict
-from dvp.data import DataSplits, load_data
+from dvp.data import DataSplits, load_data_config
 from dvp.model import HierarchicalVAE, build_model
 
 
@@ -23,8 +23,7 @@ class Run:
     args: dict[str, str]          # the command's own arguments (run_dir, checkpoint, n, temperature, ...)
 
     def data(self) -> DataSplits:
-        d = self.cfg.data
-        return load_data(d.name, d.root, download=d.download, val_size=d.val_size, split_seed=d.split_seed)
+        return load_data_config(self.cfg.data)
 
 
 def fetch_artifact(reference: str) -> Path:
