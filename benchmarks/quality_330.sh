@@ -8,7 +8,7 @@ root=${1:?give the directory holding mnist.npz}
 model=${2:-dvp_vae}
 out=${3:-benchmarks/results/quality_330}
 shift $(( $# < 3 ? $# : 3 ))
-run=${RUNS:-runs/quality_330}/$model
+run=${RUNS:-runs}/$(basename "$out")/$model   # one run dir per OUT: an existing one would be resumed
 mkdir -p "$out"
 dvp-train experiment=mnist/$model data.root="$root" run_dir="$run" train.max_steps=330 train.final_eval=false \
   train.precision=bf16 train.channels_last=true train.compile=true wandb.mode=disabled "$@" 2>&1 | tee "$out/train_$model.log"

@@ -15,7 +15,10 @@ noise.)
 
 The parent also measures the model FLOPs of one training step per image (forward + backward, fp32 eager,
 `torch.utils.flop_counter`) and this machine's dense matmul peak (4096^2 bf16 and fp32 `torch.matmul`, best of
-a few), and reports GFLOP/s achieved and its fraction of the bf16 peak. Results go to `--out` as JSON.
+a few), and reports GFLOP/s achieved and its fraction of the bf16 peak. One extra profiled step per setting
+gives the seconds spent inside the convolutions (`conv_s_per_step`): their share of the step, and the speedup
+over fp32_eager that the setting would reach if everything but its convolutions cost nothing (`ceiling_speedup`).
+Results go to `--out` as JSON.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from typing import Any
 
 import torch
 
+from dvp.blocks import Float32Conv2d
 from dvp.config import compose
 from dvp.data import load_data, model_inputs
 from dvp.engine import TorchEngine
@@ -45,6 +49,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "bf16_cl": {"precision": "bf16", "channels_last": True, "compile": False},
     "bf16_cl_compile": {"precision": "bf16", "channels_last": True, "compile": True},
     "fp32_compile": {"precision": "fp32", "channels_last": False, "compile": True},
+    # for comparison: every convolution in bf16, also the float32 ones of `blocks.Float32Conv2d`
+    "bf16_cl_compile_allconv": {"precision": "bf16", "channels_last": True, "compile": True,
+                                "float32_convs": False},
 }
 BASELINE = "fp32_eager"
 BATCH = 250
@@ -84,6 +91,8 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train warm-up + timed steps under one setting; returns its measurements."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not SETTINGS[setting].get("float32_convs", True):   # this child process only
+        Float32Conv2d.forward = torch.nn.Conv2d.forward
     cfg = config(setting, args.seed)
     train = images(args.data_root, args.seed)
     data = batches(train, args.warmup + args.steps, args.seed)
@@ -99,13 +108,28 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
         nelbos.append(stats["nelbo"])
     timed = times[args.warmup:]
     median = statistics.median(timed)
+    conv_s = conv_seconds(engine, *data[-1])
     return {"setting": setting, **SETTINGS[setting], "threads": torch.get_num_threads(),
             "warmup_steps": args.warmup, "timed_steps": args.steps,
             "first_step_s": times[0], "warmup_s": sum(times[:args.warmup]),
             "s_per_step": median, "s_per_step_min": min(timed), "images_per_s": BATCH / median,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_before_steps_mib": rss_before,
+            "peak_rss_before_steps_mib": rss_before, "conv_s_per_step": conv_s,
             "nelbo_steps": nelbos, "nelbo_final": statistics.fmean(nelbos[-min(LAST, args.steps):])}
+
+
+def conv_seconds(engine: TorchEngine, x: torch.Tensor, x_target: torch.Tensor) -> float:
+    """Seconds of one extra (profiled, untimed) step spent inside convolutions and matrix products, forward and
+    backward (oneDNN convolutions, and the float32 1x1 convolutions that run as `mm`/`addmm`).
+
+    These carry nearly all the FLOPs, so 1 / (this time) bounds the step rate that fusing or removing everything
+    else could reach: the ceiling reported next to each setting.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.step(x, x_target)
+    conv_ops = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::mm", "aten::addmm", "aten::bmm")
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in conv_ops) / 1e6
 
 
 def flops_per_image(args: argparse.Namespace) -> float:
@@ -150,11 +174,13 @@ def run_setting(setting: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("setting", "s/step", "img/s", "speedup", "GFLOP/s", "% bf16 peak", "peak MiB", "final nelbo",
-            "Δnelbo vs fp32")
+    head = ("setting", "s/step", "img/s", "speedup", "GFLOP/s", "% bf16 peak", "conv share", "ceiling",
+            "peak MiB", "final nelbo", "Δnelbo vs fp32")
     rows = [head] + [(r["setting"], f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.0f}",
                       f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-",
-                      f"{r['gflops']:.1f}", f"{100 * r['frac_bf16_peak']:.1f}%", f"{r['peak_rss_mib']:.0f}",
+                      f"{r['gflops']:.1f}", f"{100 * r['frac_bf16_peak']:.1f}%", f"{100 * r['conv_share']:.0f}%",
+                      f"{r['ceiling_speedup']:.2f}x" if r["ceiling_speedup"] is not None else "-",
+                      f"{r['peak_rss_mib']:.0f}",
                       f"{r['nelbo_final']:.2f}",
                       f"{100 * r['dnelbo_rel']:+.2f}%" if r["dnelbo_rel"] is not None else "-")
                      for r in results]
@@ -194,6 +220,9 @@ def main() -> None:
         r["gflops"] = flops * r["images_per_s"] / 1e9
         r["frac_bf16_peak"] = r["gflops"] / (peak["bf16"] * 1e3)
         r["speedup"] = r["images_per_s"] / base["images_per_s"] if base else None
+        r["conv_share"] = r["conv_s_per_step"] / r["s_per_step"]
+        r["conv_gflops"] = flops * BATCH / r["conv_s_per_step"] / 1e9   # upper bound: all FLOPs in the convs
+        r["ceiling_speedup"] = base["s_per_step"] / r["conv_s_per_step"] if base else None
         r["dnelbo_rel"] = (r["nelbo_final"] - base["nelbo_final"]) / abs(base["nelbo_final"]) if base else None
     out = {"experiment": "mnist/dvp_vae", "batch_size": BATCH, "torch": torch.__version__,
            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

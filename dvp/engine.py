@@ -9,7 +9,8 @@
 A step is applied only when the loss and the gradient norm are finite and, with `grad_skip > 0`, the norm is
 below the threshold (VDVAE-style skipping); otherwise it is counted as skipped and nothing changes (weights,
 optimizer moments, EMA). EMA: theta_ema <- rate * theta_ema + (1 - rate) * theta after every applied step.
-Mixed precision: bf16 autocast on the forward pass; the ELBO terms are float32 (model.py), parameters and
+Mixed precision: bf16 autocast on the forward pass, except the convolutions that read a residual stream or output
+mu, log-var or logits (`blocks.Float32Conv2d`); the ELBO terms are float32 (model.py), parameters and
 optimizer state stay float32.
 """
 from __future__ import annotations

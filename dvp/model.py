@@ -12,6 +12,8 @@ Top-down pass, for each latent l from the top (spec §1.5), with s the top-down 
     [mu_q, logvar_q]    = ResBlock_q((e_l + s) / sqrt 2)  posterior q(z_l | z_{>l}, x), e_l from the encoder
     s <- s + h;  z_l ~ q (or p);  s <- Up(ResNet(s + Conv1x1(z_l)))
 Likelihood (latent aggregation): x-params = Conv3x3(Conv1x1(sum_l Up(z_l) / sqrt L)).
+Under bf16 autocast the convolutions that read a residual stream or output mu, log-var and logits compute in float32
+(`blocks.Float32Conv2d`), and both residual streams (encoder h, top-down state s) stay float32.
 
 `forward` returns every per-example term in float32: reconstruction, per-layer KL (analytic Gaussian KL;
 a one-sample estimate for the VampPrior mixture), the u term log q(u|x) - log p(u) and the importance weight
@@ -70,7 +72,7 @@ class Encoder(nn.Module):
     def __init__(self, c: int, num_ch: int, hid: int, blocks: int, n_groups: int, start_at_x: bool,
                  mean: float | None, std: float | None) -> None:
         super().__init__()
-        self.stem = conv(c, num_ch, 1)
+        self.stem = conv(c, num_ch, 1, float32=True)   # keeps the residual stream h float32 under autocast
         self.groups = nn.ModuleList(nn.Sequential(*[EncoderResBlock(num_ch, hid, num_ch) for _ in range(blocks)])
                                     for _ in range(n_groups))
         self.pools = [1 if i == 0 and start_at_x else 2 for i in range(n_groups)]
@@ -98,8 +100,9 @@ class LatentLayer(nn.Module):
                  state_read_after: bool, init_scale: float, logvar_range: tuple[float, float]) -> None:
         super().__init__()
         self.zc, self.prior_stats, self.logvar_range = zc, prior_stats, logvar_range
-        self.prior = DecoderResBlock(num_ch + ctx_ch, hid, 2 * zc * prior_stats + num_ch, out_scale=0.0)
-        self.posterior = DecoderResBlock(num_ch, hid, 2 * zc, out_scale=0.0)
+        self.prior = DecoderResBlock(num_ch + ctx_ch, hid, 2 * zc * prior_stats + num_ch, out_scale=0.0,
+                                     float32_out=True)
+        self.posterior = DecoderResBlock(num_ch, hid, 2 * zc, out_scale=0.0, float32_out=True)
         self.z_up = conv(zc, num_ch, 1) if state_read_after else None
         if self.z_up is not None:
             self.z_up.weight.data.mul_(init_scale)
@@ -150,7 +153,7 @@ class HierarchicalVAE(nn.Module):
         self.likelihood = (Bernoulli(c) if cfg.likelihood == "bernoulli"
                            else LogisticMixture(c, cfg.num_mixtures))
         head_in = zc if cfg.latent_aggregation else num_ch
-        self.head = nn.Sequential(conv(head_in, num_ch, 1), conv(num_ch, self.likelihood.out_channels, 3))
+        self.head = nn.Sequential(conv(head_in, num_ch, 1), conv(num_ch, self.likelihood.out_channels, 3, True))
         if self.kind == "dvp_vae":
             self.pseudo_input = PseudoInput(image_shape, cfg.ctx_size, cfg.ctx_type)
             d = cfg.diffusion

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvp.blocks import Float32Conv2d
+
 
 def zero_init(module: nn.Module) -> nn.Module:
     """Set every parameter of `module` to zero and return it."""
@@ -116,7 +118,7 @@ class UNet(nn.Module):
         self.middle_out = res_block(mc)
         self.output_blocks = nn.ModuleList(res_block(2 * mc) for _ in range(num_res_blocks + 1))
         self.out = nn.Sequential(GroupNorm(num_groups, mc), nn.SiLU(),
-                                 zero_init(nn.Conv2d(mc, in_channels, 3, padding=1)))
+                                 zero_init(Float32Conv2d(mc, in_channels, 3, padding=1)))   # eps_hat in fp32
 
     def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
         emb = self.time_embed(timestep_embedding(t, self.model_channels))

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from dvp.blocks import Float32Conv2d
 from dvp.config import DATASET_SHAPES, compose
 from dvp.model import HierarchicalVAE, build_model, gaussian_kl, gaussian_log_prob, parameter_counts
 from dvp.objectives import active_units, elbo_stats, importance_sampled_nll
@@ -253,3 +254,58 @@ def test_downsample_pseudo_input_variant_runs() -> None:
     x, target = _batch(cfg, (1, 8, 8), 3)
     assert torch.isfinite(model(x, target).nelbo).all()
     assert model.pseudo_input(x).shape == (3, 1, 4, 4)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_float32_conv_is_exact_float32_under_bf16_autocast(kernel: int, memory_format: torch.memory_format) -> None:
+    torch.manual_seed(0)
+    head = Float32Conv2d(8, 3, kernel, padding=kernel // 2)
+    plain = torch.nn.Conv2d(8, 3, kernel, padding=kernel // 2)
+    plain.load_state_dict(head.state_dict())            # same parameters, same state_dict keys
+    x = torch.randn(4, 8, 6, 6).to(memory_format=memory_format)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, rounded = head(x.bfloat16()), plain(x.bfloat16())
+    exact = plain(x.bfloat16().float())
+    assert out.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+    assert (rounded.float() - exact).abs().max() > 1e-4   # what the float32 head avoids: bf16-rounded outputs
+
+
+def test_latent_heads_give_float32_statistics_under_bf16_autocast() -> None:
+    cfg = compose(["experiment=mnist/dvp_vae"])
+    torch.manual_seed(0)
+    model = build_model(cfg, (1, 28, 28))
+    for layer in model.layers:
+        for block in (layer.prior, layer.posterior):
+            assert isinstance(block.net[-1], Float32Conv2d) and isinstance(block.skip, Float32Conv2d)
+    assert isinstance(model.head[-1], Float32Conv2d)
+    assert isinstance(model.prior_u.unet.out[-1], Float32Conv2d)
+
+
+def test_float32_entry_conv_keeps_the_gradient_of_offset_channels() -> None:
+    """Channels at a large offset with small variation (the MNIST encoder's stream over the background): a bf16
+    conv rounds the input to a spacing of 2^-7 and loses the variation that the weight gradient is made of when
+    the loss ignores the offset; the float32 conv keeps it. Every residual block's entry conv is float32."""
+    from dvp.blocks import DecoderResBlock, EncoderResBlock
+    torch.manual_seed(0)
+    head = Float32Conv2d(16, 8, 1)
+    plain = torch.nn.Conv2d(16, 8, 1)
+    plain.load_state_dict(head.state_dict())
+    x = 1.0 + torch.rand(1, 16, 1, 1) + 0.01 * torch.randn(8, 16, 12, 12)    # |mean| / std ~ 150
+    g = torch.randn(8, 8, 12, 12)
+    g -= g.mean((0, 2, 3), keepdim=True)                 # the loss ignores each channel's offset
+
+    def weight_grad(conv: torch.nn.Conv2d, bf16: bool) -> torch.Tensor:
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = (conv(x).float() * g).sum()
+        loss.backward()                                  # outside autocast, as in TorchEngine.step
+        return conv.weight.grad.flatten().clone()
+
+    exact = weight_grad(plain, False)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(exact, weight_grad(head, True), 0) > 0.9999
+    assert cos(exact, weight_grad(plain, True), 0) < 0.95
+    assert isinstance(EncoderResBlock(4, 4, 4).net[1], Float32Conv2d)
+    assert isinstance(DecoderResBlock(4, 4, 4).net[0], Float32Conv2d)
