@@ -34,17 +34,17 @@ def conv(c_in: int, c_out: int, kernel: int, float32: bool = False) -> nn.Conv2d
 class EncoderResBlock(nn.Module):
     """Pre-activation bottleneck: x + conv1(act(conv3(act(conv3(act(conv1(act(x)))))))), 1x1 skip if widths differ.
 
-    The first 1x1 conv reads the float32 residual stream in float32 (see `Float32Conv2d`): on MNIST several stream
-    channels sit at a near-constant offset (|mean| / std up to ~100 over the background), where bf16's spacing of
-    2^-7 at 1.0 erases most of their variation; in bf16 this one conv turned the encoder's gradient from
-    cosine 0.999 to 0.6-0.94 against float32.
+    The 1x1 convs that read the float32 residual stream (the first, and the skip) compute in float32 (see
+    `Float32Conv2d`): on MNIST several stream channels sit at a near-constant offset (|mean| / std up to ~100 over
+    the background), where bf16's spacing of 2^-7 at 1.0 erases most of their variation; in bf16 the encoder's
+    gradient fell to cosine 0.74-0.78 against float32 (benchmarks/bf16_gradients.py).
     """
 
     def __init__(self, c_in: int, c_hid: int, c_out: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.SiLU(), conv(c_in, c_hid, 1, float32=True), nn.SiLU(), conv(c_hid, c_hid, 3),
                                  nn.SiLU(), conv(c_hid, c_hid, 3), nn.SiLU(), conv(c_hid, c_out, 1))
-        self.skip = nn.Identity() if c_in == c_out else conv(c_in, c_out, 1)
+        self.skip = nn.Identity() if c_in == c_out else conv(c_in, c_out, 1, float32=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.skip(x) + self.net(x)
@@ -54,9 +54,9 @@ class DecoderResBlock(nn.Module):
     """skip(x) + conv1(act(conv3(act(conv3(act(conv1(x))))))) ('2x3' mode).
 
     `out_scale` multiplies the last conv at init: 0 for the prior/posterior heads (they start at N(0, I) plus the
-    skip), sqrt(1/L) for the state ResNets (VDVAE-style stable init). The first 1x1 conv reads the float32 state
-    in float32 (as in `EncoderResBlock`); `float32_out` computes the two convolutions that form the output (last
-    and skip) in float32: for the heads, whose outputs are mu and log-var.
+    skip), sqrt(1/L) for the state ResNets (VDVAE-style stable init). The 1x1 convs that read the float32 state
+    (the first, and the skip) compute in float32, as in `EncoderResBlock`; `float32_out` computes the last conv in
+    float32 too: for the heads, whose output (last + skip) is mu and log-var.
     """
 
     def __init__(self, c_in: int, c_hid: int, c_out: int, out_scale: float = 1.0, float32_out: bool = False) -> None:
@@ -66,7 +66,7 @@ class DecoderResBlock(nn.Module):
         last.bias.data.mul_(out_scale)
         self.net = nn.Sequential(conv(c_in, c_hid, 1, float32=True), nn.SiLU(), conv(c_hid, c_hid, 3), nn.SiLU(),
                                  conv(c_hid, c_hid, 3), nn.SiLU(), last)
-        self.skip = nn.Identity() if c_in == c_out else conv(c_in, c_out, 1, float32_out)
+        self.skip = nn.Identity() if c_in == c_out else conv(c_in, c_out, 1, float32=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.skip(x) + self.net(x)

@@ -286,7 +286,8 @@ def test_latent_heads_give_float32_statistics_under_bf16_autocast() -> None:
 def test_float32_entry_conv_keeps_the_gradient_of_offset_channels() -> None:
     """Channels at a large offset with small variation (the MNIST encoder's stream over the background): a bf16
     conv rounds the input to a spacing of 2^-7 and loses the variation that the weight gradient is made of when
-    the loss ignores the offset; the float32 conv keeps it. Every residual block's entry conv is float32."""
+    the loss ignores the offset; the float32 conv keeps it. Every 1x1 conv that reads a residual stream (a block's
+    entry and skip) is float32."""
     from dvp.blocks import DecoderResBlock, EncoderResBlock
     torch.manual_seed(0)
     head = Float32Conv2d(16, 8, 1)
@@ -307,5 +308,7 @@ def test_float32_entry_conv_keeps_the_gradient_of_offset_channels() -> None:
     cos = torch.nn.functional.cosine_similarity
     assert cos(exact, weight_grad(head, True), 0) > 0.9999
     assert cos(exact, weight_grad(plain, True), 0) < 0.95
-    assert isinstance(EncoderResBlock(4, 4, 4).net[1], Float32Conv2d)
-    assert isinstance(DecoderResBlock(4, 4, 4).net[0], Float32Conv2d)
+    for block in (EncoderResBlock(4, 4, 8), DecoderResBlock(4, 4, 8)):   # entry and skip read the stream
+        entry = block.net[1] if isinstance(block, EncoderResBlock) else block.net[0]
+        assert isinstance(entry, Float32Conv2d) and isinstance(block.skip, Float32Conv2d)
+        assert type(block.net[-1]) is torch.nn.Conv2d                    # the body's output stays bf16
