@@ -1,11 +1,14 @@
 """Shared command-line plumbing: `--help` prints the command's docstring and the main keys; configuration, data
-and checkpoint errors print one clear line and exit 2 instead of a traceback."""
+and checkpoint errors print one clear line and exit 2 instead of a traceback; SIGTERM and Ctrl-C end any command
+within seconds with one line (exit 128 + the signal number), after what the command saves on a stop."""
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
-from dvp.config import ConfigError, experiments
+from dvp.config import experiments
+from dvp.errors import USER_ERRORS, Interrupted
+from dvp.signals import StopSignals
 
 MAIN_KEYS = """
 Main keys (any key of configs/defaults.yaml works as key=value):
@@ -18,14 +21,22 @@ Main keys (any key of configs/defaults.yaml works as key=value):
 """
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line."""
+    return " ".join(str(error).split())
+
+
 def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str]) -> int:
     """Run `fn(argv)`; '--help' prints the docstring; known user errors exit 2 with one line on stderr."""
     if any(a in ("-h", "--help") for a in argv):
         print((doc or "").strip() + "\n" + MAIN_KEYS.format(experiments=", ".join(experiments())))
         return 0
-    from dvp.errors import USER_ERRORS
     try:
-        return fn(argv)
-    except (ConfigError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
+        with StopSignals():
+            return fn(argv)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"stopped: {one_line(e)}", file=sys.stderr)
+        return 128 + e.signum

@@ -3,17 +3,25 @@
     cfg = compose(["experiment=mnist/dvp_vae", "train.lr=5e-3"])
 
 Order of precedence (last wins): defaults.yaml, configs/experiment/<experiment>.yaml, command-line overrides.
-The schema is defaults.yaml itself: a key absent there, or a value whose type differs from the default's, is an
-error that names the key. `validate` then checks the combinations that cannot work (pseudo-input larger than the
-image, latent width != image channels under latent aggregation, ...) before any data is read or model is built.
+The schema is defaults.yaml itself: a key absent there, a value whose type differs from the default's, a null
+where the default is not null (NULLABLE lists the keys that may be null), a NaN or infinity, an interpolation that
+does not resolve or a key given twice is an error that names the key. `validate` then checks every numeric key
+against its range (RANGES) and the combinations that cannot work (pseudo-input larger than the image, latent width
+!= image channels under latent aggregation, ...) before any data is read or model is built. `experiment=` only
+names files under configs/experiment (`experiments()` lists them).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from dvp.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -33,18 +41,77 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "dist.zero_stage": (0, 1, 2, 3),
     "eval.is_weight": ("iwae", "analytic_kl"),
     "eval.weights": ("ema", "raw"),
+    "eval.precision": ("fp32", "bf16"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and what is allowed."""
+NULLABLE: dict[str, type] = {
+    "experiment": str, "run_dir": str, "data.root": str, "data.val_size": int, "model.input_mean": float,
+    "model.input_std": float, "train.max_steps": int, "train.num_threads": int, "eval.max_images": int,
+    "wandb.entity": str,
+}
+"""Keys whose default is null, with the type a non-null value must have; every other key refuses null."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """An allowed interval of a numeric key: lo <= v <= hi, with open ends where `lo_open`/`hi_open`."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {_number(self.lo)}"
+        return (f"in {'(' if self.lo_open else '['}{_number(self.lo)}, {_number(self.hi)}"
+                f"{')' if self.hi_open else ']'}")
+
+
+def _number(v: float) -> str:
+    """A bound as written: integers in full (4294967295), other numbers by %g."""
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+POSITIVE, AT_LEAST_1, NON_NEGATIVE, ANY = Range(0, lo_open=True), Range(1), Range(0), Range()
+SEED = Range(0, 2 ** 32 - 1)          # torch generators take < 2**64, and the batch order seeds seed + epoch
+INT64_MAX = 2 ** 63 - 1               # torch reads every integer as int64
+RANGES: dict[str, Range] = {
+    "data.val_size": NON_NEGATIVE, "data.split_seed": SEED,
+    "model.num_mixtures": AT_LEAST_1, "model.latent_width": AT_LEAST_1, "model.num_ch": AT_LEAST_1,
+    "model.block_ch_mult": POSITIVE, "model.enc_blocks_per_scale": AT_LEAST_1, "model.input_mean": ANY,
+    "model.input_std": POSITIVE, "model.min_logvar": ANY, "model.max_logvar": ANY, "model.ctx_size": AT_LEAST_1,
+    "model.ctx_logvar_min": ANY, "model.ctx_logvar_max": ANY, "model.num_pseudo": AT_LEAST_1,
+    "model.diffusion.model_channels": Range(16), "model.diffusion.num_res_blocks": AT_LEAST_1,
+    "model.diffusion.dropout": Range(0, 1, hi_open=True), "model.diffusion.T": AT_LEAST_1,
+    "model.diffusion.gamma_min": ANY, "model.diffusion.gamma_max": ANY,
+    "train.lr": POSITIVE, "train.weight_decay": NON_NEGATIVE, "train.batch_size": AT_LEAST_1,
+    "train.eval_batch_size": AT_LEAST_1, "train.max_epochs": AT_LEAST_1, "train.max_steps": AT_LEAST_1,
+    "train.lr_epochs": AT_LEAST_1, "train.lr_min": NON_NEGATIVE, "train.warmup_epochs": NON_NEGATIVE,
+    "train.grad_clip": NON_NEGATIVE, "train.grad_skip": NON_NEGATIVE, "train.max_skips": AT_LEAST_1,
+    "train.ema": Range(0, 1, hi_open=True), "train.patience": AT_LEAST_1, "train.seed": SEED,
+    "train.max_minutes": NON_NEGATIVE, "train.ckpt_every": NON_NEGATIVE, "train.log_every": AT_LEAST_1,
+    "train.num_threads": Range(1, 1024), "dist.zero_stage": Range(0, 3), "eval.is_samples": AT_LEAST_1,
+    "eval.is_chunk": AT_LEAST_1, "eval.max_images": AT_LEAST_1, "eval.batch_size": AT_LEAST_1,
+}
+"""The allowed range of every numeric key of configs/defaults.yaml (a test checks that none is missing)."""
+ORDERED: tuple[tuple[str, str], ...] = (("model.min_logvar", "model.max_logvar"),
+                                        ("model.ctx_logvar_min", "model.ctx_logvar_max"),
+                                        ("model.diffusion.gamma_min", "model.diffusion.gamma_max"),
+                                        ("train.lr_min", "train.lr"))
+"""Pairs (a, b) that must satisfy a < b (lr_min <= lr)."""
 
 
 def experiments() -> list[str]:
     """Names accepted by `experiment=`, e.g. 'mnist/dvp_vae'."""
     root = CONFIG_DIR / "experiment"
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.glob("*/*.yaml"))
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob("*/*.yaml"))
 
 
 def _leaves(cfg: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -55,26 +122,54 @@ def _leaves(cfg: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
         yield prefix[:-1], cfg
 
 
-def _check_types(defaults: dict, merged: dict) -> None:
-    """Every leaf must keep the type of its default (int is accepted where a float is expected)."""
+def _set(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree[part]
+    tree[leaf] = value
+
+
+def _typed(key: str, default: Any, value: Any) -> Any:
+    """`value` checked against the type of its default (or NULLABLE's type); returns it, numbers given for a
+    string key as strings. Raises ConfigError naming the key, the type and an example."""
+    if value is None:
+        if default is None:
+            return None
+        raise ConfigError(f"config key '{key}' cannot be null or empty; it expects {type(default).__name__} "
+                          f"(default {default!r})")
+    want = NULLABLE.get(key, str) if default is None else type(default)
+    if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if want is bool or isinstance(value, bool):
+        ok = want is bool and isinstance(value, bool)
+    elif want is float:
+        ok = isinstance(value, (int, float))
+    elif want is list:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    else:
+        ok = isinstance(value, want)
+    if not ok:
+        example = f"default {default!r}" if default is not None else "default null"
+        choices = f"; choose one of {list(CHOICES[key])}" if key in CHOICES else ""
+        raise ConfigError(f"config key '{key}' expects {want.__name__} ({example}), got {value!r}{choices}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    if any(isinstance(v, int) and abs(v) > INT64_MAX for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(f"config key '{key}' = {value!r} is too large (integers must be below 2**63)")
+    return value
+
+
+def _check_types(defaults: dict, merged: dict) -> dict:
+    """Every leaf must be a known key and keep the type of its default (int is accepted where a float is
+    expected); returns `merged` with numbers given for string keys turned into strings."""
     want = dict(_leaves(defaults))
-    for key, value in _leaves(merged):
+    for key, value in list(_leaves(merged)):
         if key not in want:
-            raise ConfigError(f"unknown config key '{key}'")
-        default = want[key]
-        if default is None or value is None:
-            continue
-        if isinstance(default, bool) or isinstance(value, bool):
-            ok = isinstance(default, bool) and isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float))
-        elif isinstance(default, list):
-            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            raise ConfigError(f"config key '{key}' expects {type(default).__name__} "
-                              f"(default {default!r}), got {value!r}")
+            raise ConfigError(f"unknown config key '{key}' (see configs/defaults.yaml for every key)")
+        typed = _typed(key, want[key], value)
+        if typed is not value:
+            _set(merged, key, typed)
+    return merged
 
 
 def _merge(base: DictConfig, other: DictConfig, where: str) -> DictConfig:
@@ -86,34 +181,96 @@ def _merge(base: DictConfig, other: DictConfig, where: str) -> DictConfig:
                           f"(see configs/defaults.yaml for every key)") from None
 
 
+def _resolve(cfg: DictConfig) -> dict:
+    """The config as a plain dict with ${...} interpolations resolved; a bad one is a ConfigError."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"config key '{key}': cannot resolve its interpolation ({reason}); give a plain value "
+                          "or ${other.key} of an existing key") from None
+
+
+def split_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """`key=value` strings as (key, value) pairs; refuses an argument without '=' and a key given twice."""
+    pairs: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"argument '{arg}' is not key=value (e.g. train.lr=5e-3, experiment=mnist/dvp_vae)")
+        if key in seen:
+            raise ConfigError(f"key '{key}' is given twice on the command line ({seen[key]} and {arg}); "
+                              "give it once")
+        seen[key] = arg
+        pairs.append((key, value))
+    return pairs
+
+
+def experiment_path(name: str) -> Path:
+    """configs/experiment/<name>.yaml for a name listed by `experiments()`; nothing outside that folder."""
+    if name not in experiments():
+        raise ConfigError(f"experiment '{name}' not found; allowed: {', '.join(experiments())} "
+                          "(add your own as configs/experiment/<dataset>/<name>.yaml)")
+    return CONFIG_DIR / "experiment" / f"{name}.yaml"
+
+
+def _defaults() -> DictConfig:
+    return OmegaConf.load(CONFIG_DIR / "defaults.yaml")
+
+
+def _checked(cfg: DictConfig) -> DictConfig:
+    """Resolve, type-check and validate a merged config; the result is a struct-mode DictConfig."""
+    resolved = _check_types(OmegaConf.to_container(_defaults()), _resolve(cfg))
+    out = OmegaConf.create(resolved)
+    OmegaConf.set_struct(out, True)
+    validate(out)
+    return out
+
+
+def _check_known(keys: Iterable[str], cfg: DictConfig) -> None:
+    """Refuse a command-line key that names nothing in `cfg`, by its full name (a merge would name only its first
+    unknown part, e.g. 'optim' of optim.lr)."""
+    missing = object()
+    for key in keys:
+        try:
+            found = OmegaConf.select(cfg, key, default=missing)
+        except OmegaConfBaseException:     # e.g. '[': not a key at all
+            found = missing
+        if found is missing:
+            raise ConfigError(f"unknown config key '{key}' (see configs/defaults.yaml for every key)")
+
+
+def parse_overrides(pairs: list[tuple[str, str]]) -> DictConfig:
+    """(key, value) pairs as a DictConfig, each value read as YAML; a value that does not parse (e.g. '[2,2') is a
+    ConfigError naming its key."""
+    for key, value in pairs:
+        try:
+            OmegaConf.from_dotlist([f"{key}={value}"])
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config key '{key}': cannot parse the value {value!r} ({reason}); give a number, "
+                              "true/false, a string or a list like [2,2]") from None
+    try:
+        return OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs])
+    except OmegaConfBaseException as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"cannot combine the overrides {[f'{k}={v}' for k, v in pairs]}: {reason}") from None
+
+
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """Compose the resolved config from `key=value` strings; raises ConfigError on any bad key or value."""
-    overrides = list(overrides or [])
-    for o in overrides:
-        if "=" not in o or o.startswith("="):
-            raise ConfigError(f"argument '{o}' is not key=value (e.g. train.lr=5e-3, experiment=mnist/dvp_vae)")
-    cfg = OmegaConf.load(CONFIG_DIR / "defaults.yaml")
-    defaults = OmegaConf.to_container(cfg)
+    pairs = split_overrides(list(overrides or []))
+    cfg = _defaults()
     OmegaConf.set_struct(cfg, True)
-    exp = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "experiment"]
-    if exp:
-        name = exp[-1]
-        path = CONFIG_DIR / "experiment" / f"{name}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"experiment '{name}' not found; allowed: {', '.join(experiments())}")
-        cfg = _merge(cfg, OmegaConf.load(path), f"experiment {name}")
+    name = dict(pairs).get("experiment")
+    if name is not None:
+        cfg = _merge(cfg, OmegaConf.load(experiment_path(name)), f"experiment {name}")
         cfg.experiment = name
-    try:
-        dotlist = OmegaConf.from_dotlist([o for o in overrides if o.split("=", 1)[0] != "experiment"])
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
-    cfg = _merge(cfg, dotlist, "command line")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    _check_types(defaults, resolved)
-    cfg = OmegaConf.create(resolved)
-    OmegaConf.set_struct(cfg, True)
-    validate(cfg)
-    return cfg
+    _check_known([k for k, _ in pairs], cfg)
+    dotlist = parse_overrides([(k, v) for k, v in pairs if k != "experiment"])
+    return _checked(_merge(cfg, dotlist, "command line"))
 
 
 def group_resolutions(cfg: DictConfig, shape: tuple[int, int, int]) -> list[int]:
@@ -123,21 +280,23 @@ def group_resolutions(cfg: DictConfig, shape: tuple[int, int, int]) -> list[int]
     return [h // 2 ** (i + offset) for i in range(len(cfg.model.latent_scales))]
 
 
-def validate(cfg: DictConfig, shape: tuple[int, int, int] | None = None) -> None:
-    """Raise ConfigError for any value outside its choices or any combination that cannot run."""
+def validate(cfg: DictConfig, shape: tuple[int, int, int] | None = None, n_train: int | None = None) -> None:
+    """Raise ConfigError for any value outside its choices or range, or any combination that cannot run;
+    `shape` and `n_train` (the image shape and training-split size, once the data is loaded) add their checks."""
     flat = dict(_leaves(OmegaConf.to_container(cfg)))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r} is not allowed; choose one of {list(allowed)}")
-    m, d, t = cfg.model, cfg.data, cfg.train
-    positive = {"train.lr": t.lr, "train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
-                "model.num_ch": m.num_ch, "model.latent_width": m.latent_width, "eval.is_samples": cfg.eval.is_samples,
-                "eval.is_chunk": cfg.eval.is_chunk, "model.diffusion.T": m.diffusion.T}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
-    if not 0.0 <= t.ema < 1.0:
-        raise ConfigError(f"train.ema={t.ema} must be in [0, 1)")
+    for key, allowed in RANGES.items():
+        value = flat[key]
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
+    for lower, upper in ORDERED:
+        if flat[lower] > flat[upper] or (flat[lower] == flat[upper] and lower != "train.lr_min"):
+            raise ConfigError(f"{lower}={flat[lower]!r} must be below {upper}={flat[upper]!r}")
+    if not flat["wandb.project"]:
+        raise ConfigError("wandb.project must not be empty")
+    m, d = cfg.model, cfg.data
     if len(m.latent_scales) == 0 or any(n < 1 for n in m.latent_scales):
         raise ConfigError(f"model.latent_scales={list(m.latent_scales)} needs >= 1 group, each with >= 1 latent")
     if round(m.num_ch * m.block_ch_mult) < 1:
@@ -150,8 +309,9 @@ def validate(cfg: DictConfig, shape: tuple[int, int, int] | None = None) -> None
                           "use model.likelihood=logistic_mixture for grey levels")
     if m.likelihood == "logistic_mixture" and d.binarize:
         raise ConfigError("model.likelihood=logistic_mixture models 8-bit pixels: set data.binarize=false")
-    if m.name == "vampprior" and m.num_pseudo < 1:
-        raise ConfigError(f"model.num_pseudo={m.num_pseudo} must be >= 1 for model.name=vampprior")
+    if n_train is not None and cfg.train.batch_size > n_train:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split of "
+                          f"data '{d.name}' ({n_train} images); use at most {n_train}")
     shape = shape or DATASET_SHAPES.get(d.name)
     if shape is None:
         return  # npz: checked again once the data is loaded
@@ -160,7 +320,7 @@ def validate(cfg: DictConfig, shape: tuple[int, int, int] | None = None) -> None
         raise ConfigError(f"data '{d.name}' has non-square images {h}x{w}; only square images are supported")
     if m.latent_aggregation and m.latent_width != c:
         raise ConfigError(f"model.latent_width={m.latent_width} must equal the image channels ({c}) while "
-                          "model.latent_aggregation=true; set model.latent_width={c} or latent_aggregation=false")
+                          f"model.latent_aggregation=true; set model.latent_width={c} or latent_aggregation=false")
     res = group_resolutions(cfg, shape)
     offset = 0 if m.start_scale_at_x else 1
     if h % 2 ** (len(res) - 1 + offset):
@@ -185,10 +345,5 @@ def to_dict(cfg: DictConfig) -> dict:
 
 
 def from_dict(d: dict) -> DictConfig:
-    """Rebuild a config saved by `to_dict`, checked against today's schema."""
-    defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "defaults.yaml"))
-    _check_types(defaults, d)
-    cfg = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(d))
-    OmegaConf.set_struct(cfg, True)
-    validate(cfg)
-    return cfg
+    """Rebuild a config saved by `to_dict` (keys added since take their defaults), checked like `compose`."""
+    return _checked(OmegaConf.merge(_defaults(), OmegaConf.create(d)))

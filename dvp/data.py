@@ -40,6 +40,9 @@ import scipy.io
 import torch
 import torchvision
 
+from dvp.errors import DataError
+from dvp.file_kind import text_start
+
 __all__ = ["DATASETS", "BatchIterator", "DataError", "DataSplits", "dynamic_binarize", "load_data",
            "load_data_config", "model_inputs"]
 
@@ -59,11 +62,6 @@ _NPZ_HOWTO = ("set data.root=FILE.npz (or a directory holding exactly one .npz) 
               "x_test: uint8 0..255 or float in [0, 1], shaped N×H×W, N×H×W×C or N×C×H×W with C in {1, 3}")
 
 PathArg = str | PathLike[str]
-
-
-class DataError(ValueError):
-    """A dataset cannot be loaded as asked: a missing or malformed file (the message names the file and how
-    to obtain it), an unknown dataset name or an impossible split size."""
 
 
 @dataclass(frozen=True)
@@ -286,12 +284,12 @@ def _require_root(name: str, root: PathArg | None, howto: str) -> Path:
 def _read_npz(path: Path, keys: Sequence[str], howto: str) -> dict[str, np.ndarray]:
     """The arrays ``keys`` of the ``.npz`` at ``path`` (never unpickling objects)."""
     try:
-        archive = np.load(path, allow_pickle=False)
+        problem = _not_npz(path, keys)
+        archive = None if problem else np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: cannot be read as an .npz archive ({err}); {howto}") from err
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: is a single .npy array, not an .npz archive with {', '.join(keys)}; "
-                        f"{howto}")
+        problem, archive = str(err), None
+    if archive is None:
+        raise DataError(f"{path}: cannot be read as an .npz archive: {problem}; {howto}")
     with archive:
         missing = [key for key in keys if key not in archive.files]
         if missing:
@@ -301,6 +299,26 @@ def _read_npz(path: Path, keys: Sequence[str], howto: str) -> dict[str, np.ndarr
             return {key: archive[key] for key in keys}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise DataError(f"{path}: corrupt array in the .npz archive ({err}); {howto}") from err
+
+
+def _not_npz(path: Path, keys: Sequence[str]) -> str | None:
+    """What ``path`` is when its first bytes show it is no ``.npz`` (zip) archive, else None."""
+    if path.is_dir():
+        return "it is a directory"
+    with path.open("rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return None
+    if not head:
+        return "it is empty"
+    if head.startswith(b"\x93NUMPY"):
+        return f"it is a single .npy array (an .npz archive holding {', '.join(keys)} is needed)"
+    if head.startswith(b"\x80"):
+        return "it is a Python pickle (it was not unpickled)"
+    start = text_start(head)
+    if start is not None:
+        return f"it is a text file (starts {start})"
+    return f"it is binary data (first bytes {head[:8].hex(' ')}; an .npz archive starts 50 4b 03 04)"
 
 
 # ------------------------------------------------------------------------------------------------ digits
@@ -323,6 +341,8 @@ def _load_digits(val_size: int | None, seed: int) -> DataSplits:
 def _load_mnist(root: PathArg | None, download: bool, val_size: int | None, seed: int) -> DataSplits:
     """MNIST from a Keras ``mnist.npz`` or torchvision's IDX files; 60k train split 55,000/5,000."""
     path = _require_root("mnist", root, _MNIST_HOWTO)
+    if not download and not path.exists():
+        raise DataError(f"mnist: data.root {path} does not exist; {_MNIST_HOWTO}")
     if path.is_file():
         x_train, x_test = _read_mnist_npz(path)
     elif (path / "mnist.npz").is_file():

@@ -1,9 +1,31 @@
-"""The user-facing error types that CLIs report as one line (bad config, data or checkpoint)."""
+"""The user-facing error types, a leaf module (it imports nothing of dvp). The command-line entry points report
+every one of them as one line on stderr and exit 2 (`Interrupted`: 128 + the signal number)."""
 from __future__ import annotations
 
-from dvp.checkpoint import CheckpointError
-from dvp.config import ConfigError
-from dvp.data import DataError
-from dvp.loop import TrainingStopped
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what is allowed."""
+
+
+class DataError(ValueError):
+    """A dataset cannot be loaded as asked: a missing or malformed file (the message names the file and how
+    to obtain it), an unknown dataset name or an impossible split size."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, what it is not, and what to do."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. a long run of skipped steps); the message says what to change."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or Ctrl-C ended the command; the message says what was saved and how to continue."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrainingStopped)

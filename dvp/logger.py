@@ -1,6 +1,8 @@
 """Everything a run writes for humans: console progress, `metrics.jsonl`, wandb, and image grids.
 
 `RunLogger(run_dir, config, total_steps=..., enabled=rank == 0)`; with `enabled=False` every method is a no-op.
+`save_grid(images, path)` writes a PNG grid of images, upscaled to at least 512 px wide (small images stay
+visible).
 
 `run_dir/metrics.jsonl` holds one JSON object per line:
 `{"split": "train"|"val"|"test"|..., "step": int, "epoch": int (eval lines only), **metrics, "time": unix}`.
@@ -23,7 +25,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from torchvision.utils import save_image
+from PIL import Image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -49,11 +52,30 @@ def _plain(value: float | torch.Tensor) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write` on a temporary file next to `path`, then move it onto `path`."""
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write` on a temporary file next to `path`, then move it onto `path` (os.replace), so that
+    `path` is never seen half-written; the temporary file is removed if `write` fails or is interrupted."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, min_width: int = 512) -> Path:
+    """Write B×C×H×W images in [-1, 1] as one PNG grid (clamped, padding 2, nrow = ceil(sqrt(B)) by default),
+    upscaled by nearest neighbour by the smallest integer factor that makes it at least `min_width` pixels
+    wide, s = max(1, ceil(min_width / W_grid)); written atomically, returns `path`."""
+    images = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    nrow = math.ceil(math.sqrt(images.shape[0])) if nrow is None else nrow
+    grid = make_grid(images, nrow=nrow, padding=2)
+    scale = max(1, math.ceil(min_width / grid.shape[-1]))
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    replace_atomically(Path(path), lambda tmp: Image.fromarray(pixels).save(tmp, format="png"))
+    return Path(path)
 
 
 def _describe(stats: dict[str, float]) -> str:
@@ -78,12 +100,16 @@ class RunLogger:
             "disabled" (wandb is never imported).
         project, entity: the wandb project and entity.
         log_checkpoints: whether `log_checkpoint` uploads checkpoints as wandb artifacts.
-        start_step: the step a resumed run starts from; metric lines after it are dropped from `metrics.jsonl`.
+        start_step: the step a resumed run starts from (progress bar and ETA).
+        keep_records: how many records of an existing `metrics.jsonl` the resumed state has seen (saved in its
+            checkpoint); later ones, written after that checkpoint by a run that then died, are dropped, so the
+            file ends up record for record as an uninterrupted run's. None (a checkpoint from before this count
+            was kept): the records with step <= start_step are kept.
     """
 
     def __init__(self, run_dir: Path, config: dict, *, total_steps: int | None, enabled: bool = True,
                  wandb_mode: str = "offline", project: str = "dvp", entity: str | None = None,
-                 log_checkpoints: bool = False, start_step: int = 0) -> None:
+                 log_checkpoints: bool = False, start_step: int = 0, keep_records: int | None = None) -> None:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}")
         self.enabled = enabled
@@ -91,6 +117,8 @@ class RunLogger:
         self.total_steps = total_steps
         self.log_checkpoints = log_checkpoints
         self._start_step = start_step
+        self.records = 0
+        """Records in `metrics.jsonl` so far (what a checkpoint saves as the resume point of the file)."""
         self._start_time = time.time()
         self._bar: tqdm | None = None
         self._run: Any = None
@@ -99,8 +127,8 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / METRICS_FILE
-        if start_step > 0 and metrics_path.exists():
-            self._truncate_metrics(metrics_path, start_step)
+        if metrics_path.exists():
+            self.records = self._truncate_metrics(metrics_path, start_step, keep_records)
         self._metrics = metrics_path.open("a", buffering=1)
         if wandb_mode != "disabled":
             self._wandb_call(lambda: self._start_wandb(config, wandb_mode, project, entity))
@@ -109,10 +137,16 @@ class RunLogger:
                              dynamic_ncols=True)
 
     @staticmethod
-    def _truncate_metrics(path: Path, start_step: int) -> None:
-        """Keep only the records with step <= start_step, rewriting the file atomically."""
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= start_step]
-        _replace_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+    def _truncate_metrics(path: Path, start_step: int, keep_records: int | None) -> int:
+        """Keep the first `keep_records` records (or, when None, those with step <= start_step), rewriting the
+        file atomically; returns how many were kept."""
+        records = read_metrics(path)
+        if keep_records is None:
+            kept = [r for r in records if r.get("step", 0) <= start_step]
+        else:
+            kept = records[:keep_records]
+        replace_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        return len(kept)
 
     def _start_wandb(self, config: dict, mode: str, project: str, entity: str | None) -> None:
         """Start (or resume) the wandb run whose id is kept in `run_dir/wandb_id.txt`."""
@@ -148,6 +182,7 @@ class RunLogger:
         record.update({key: _plain(value) for key, value in metrics.items()})
         record["time"] = time.time()
         self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
+        self.records += 1
 
     def _wandb_log(self, values: dict[str, Any], step: int) -> None:
         if self._run is not None:
@@ -188,15 +223,14 @@ class RunLogger:
         self._print(f"[{split}] epoch {epoch} step {step} {_describe(metrics)}".rstrip())
 
     def log_images(self, step: int, name: str, images: torch.Tensor, nrow: int | None = None) -> Path | None:
-        """Save a grid of B×C×H×W images in [-1, 1] to `run_dir/images/{name}_step{step:07d}.png` (nrow defaults
-        to ceil(sqrt(B)), padding 2) and log it to wandb as "images/{name}"; returns the PNG path."""
+        """Save a grid of B×C×H×W images in [-1, 1] to `run_dir/images/{name}_step{step:07d}.png`
+        (`save_grid`: nrow defaults to ceil(sqrt(B)), padding 2, at least 512 px wide) and log it to wandb as
+        "images/{name}"; returns the PNG path."""
         if not self.enabled:
             return None
         path = self.run_dir / "images" / f"{name}_step{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
-        nrow = math.ceil(math.sqrt(grid.shape[0])) if nrow is None else nrow
-        _replace_atomically(path, lambda tmp: save_image(grid, tmp, nrow=nrow, padding=2, format="png"))
+        save_grid(images, path, nrow=nrow)
         if self._run is not None:
             run = self._run
 

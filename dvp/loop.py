@@ -5,33 +5,37 @@
 Recipe (spec §3): per-epoch LR, linear warm-up lr = base (e+1)/W for e < W, then cosine
 lr(e) = lr_min + (base - lr_min) (1 + cos(pi e / lr_epochs)) / 2; validation of the EMA model every epoch
 (-ELBO in bits/dim with the one-sample diffusion term, fixed noise); `checkpoints/best.pt` when it improves,
-`checkpoints/last.pt` every epoch, every `ckpt_every` steps and on interruption (Ctrl-C, SIGTERM); early stop
-after `patience` epochs without improvement. A run resumes from last.pt with optimizer, EMA, schedule, RNG and
-batch position restored, so it continues as if it had not stopped.
+`checkpoints/last.pt` every epoch, every `ckpt_every` steps, at a budget stop and on Ctrl-C / SIGTERM; early stop
+after `patience` epochs without improvement.
+
+Resume: the same command (or `dvp-train run_dir=DIR`) continues from last.pt with the weights, EMA, optimizer,
+loop counters (step, epoch, best validation, patience), batch position and CPU RNG restored, and `metrics.jsonl`
+cut back to the records that existed when last.pt was written. So after a kill -9 anywhere, or a stop by
+`max_steps` / `max_minutes` (a pause: no validation, no patience counted), the resumed run ends with the same
+weights (bitwise on CPU), the same best.pt and the same records as one that never stopped. Tested in
+tests/test_resume.py.
 """
 from __future__ import annotations
 
 import math
-import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dvp.checkpoint import load_checkpoint, save_checkpoint
-from dvp.config import ConfigError, from_dict, to_dict, validate
+from dvp.checkpoint import check_weights_match, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from dvp.config import from_dict, split_overrides, to_dict, validate
 from dvp.data import BatchIterator, DataSplits, load_data_config, model_inputs
 from dvp.engine import TorchEngine
+from dvp.errors import CheckpointError, ConfigError, Interrupted, TrainingStopped
 from dvp.evaluate import evaluate_elbo, evaluate_test
-from dvp.logger import RunLogger
+from dvp.logger import RunLogger, replace_atomically
 from dvp.model import HierarchicalVAE, build_model, parameter_counts
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. a long run of skipped steps); the message says what to change."""
+from dvp.paths import check_output_dir
+from dvp.signals import StopSignals, signal_name
 
 
 @dataclass
@@ -41,6 +45,7 @@ class LoopState:
     epoch: int = 0
     best_val: float = math.inf
     epochs_since_best: int = 0
+    records: int | None = None    # records in metrics.jsonl when this state was saved (None: not known)
 
 
 def lr_at(epoch: int, t: DictConfig) -> float:
@@ -50,12 +55,11 @@ def lr_at(epoch: int, t: DictConfig) -> float:
     return t.lr_min + (t.lr - t.lr_min) * (1 + math.cos(math.pi * min(epoch, t.lr_epochs) / t.lr_epochs)) / 2
 
 
-
 def prepare(cfg: DictConfig) -> tuple[DataSplits, HierarchicalVAE]:
     """Load the data (errors before any compute), check the config against its shape, build the model and fit the
     DCT normalisation on the training split only."""
     data = load_data_config(cfg.data)
-    validate(cfg, data.shape)
+    validate(cfg, data.shape, n_train=len(data.train))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, data.shape)
     if cfg.model.name == "dvp_vae":
@@ -73,7 +77,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
     """The saved config with this command's overrides on top; model and data keys cannot change."""
     merged = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(
-        [o for o in overrides if o.split("=", 1)[0] not in ("experiment", "run_dir", "train.resume")]))
+        [f"{k}={v}" for k, v in split_overrides(overrides) if k not in ("experiment", "run_dir", "train.resume")]))
     for section in ("model", "data"):
         if OmegaConf.to_container(merged[section]) != saved[section]:
             raise ConfigError(f"cannot change {section}.* when resuming {cfg.run_dir}; "
@@ -81,113 +85,199 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
     return from_dict(OmegaConf.to_container(merged))
 
 
-class _Interrupt:
-    """Turns SIGTERM (Slurm preemption, `kill`) and Ctrl-C into a flag checked between steps."""
-
-    def __init__(self) -> None:
-        self.flag = False
-        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _set(self, signum: int, frame: Any) -> None:
-        self.flag = True
-
-    def restore(self) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
-    """Train (or resume) the run described by `cfg`; returns the run directory."""
+    """Train (or resume) the run described by `cfg`; returns the run directory.
+
+    Every check (config, run dir, checkpoint, data) happens before anything is written; SIGTERM/Ctrl-C save
+    `last.pt` and raise `Interrupted`."""
     run_dir = resolve_run_dir(cfg)
+    check_output_dir(run_dir, "run_dir")
     last = run_dir / "checkpoints" / "last.pt"
-    resume = last.exists()
-    if cfg.train.resume and not resume:
+    if cfg.train.resume and not last.exists():
         raise ConfigError(f"train.resume=true but {last} does not exist")
-    saved = load_checkpoint(last) if resume else None
+    saved = load_checkpoint(last) if last.exists() else None
     if saved is not None:
         cfg = resume_config(cfg, saved["config"], overrides or [])
     cfg.run_dir = str(run_dir)
     t = cfg.train
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
     data, model = prepare(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    engine = TorchEngine(model.to(device), t, data.shape)
+    engine = TorchEngine(model.to(_device()), t, data.shape)
     batches = BatchIterator(data.train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True,
                             flip=cfg.data.flip)
-    state = LoopState()
-    if saved is not None:
-        engine.load_state_dict(saved["engine"])
-        batches.load_state_dict(saved["batches"])
-        state = LoopState(**saved["loop"])
-        torch.set_rng_state(saved["rng"]["torch"])
+    state = _restore(saved, last, model, engine, batches) if saved is not None else LoopState()
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    torch.set_flush_denormal(True)    # CPU: subnormal floats (seen early in training) make steps up to 8x slower
+    # nothing is written before this line: every bad input has failed above
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    remove_stale_temporaries(last.parent)
+    replace_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg)))
     steps_per_epoch = len(batches)
     total = min(t.max_epochs * steps_per_epoch, t.max_steps or math.inf)
     log = RunLogger(run_dir, to_dict(cfg), total_steps=int(total), wandb_mode=cfg.wandb.mode,
-                    project=cfg.wandb.project, entity=cfg.wandb.entity,
-                    log_checkpoints=cfg.wandb.log_checkpoints, start_step=state.step)
+                    project=cfg.wandb.project, entity=cfg.wandb.entity, log_checkpoints=cfg.wandb.log_checkpoints,
+                    start_step=state.step, keep_records=state.records)
     counts = parameter_counts(model)
     log.log_summary({f"params/{k}": v for k, v in counts.items()})
     print(f"run_dir={run_dir}  params={counts['total']:,}  steps/epoch={steps_per_epoch}  "
           f"{'resumed at step ' + str(state.step) if saved is not None else 'new run'}", flush=True)
-
-    def checkpoint(path: Path) -> None:
-        save_checkpoint(path, {"config": to_dict(cfg), "image_shape": list(data.shape),
-                               "engine": engine.state_dict(), "loop": asdict(state),
-                               "batches": batches.state_dict(), "rng": {"torch": torch.get_rng_state()}})
-
-    interrupt = _Interrupt()
-    deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else math.inf
-    max_steps = t.max_steps or math.inf
-    stop = state.epochs_since_best >= t.patience
+    run = _Run(cfg, data, engine, batches, state, log, run_dir)
     try:
-        while not stop and state.epoch < t.max_epochs and state.step < max_steps:
-            engine.set_lr(lr_at(state.epoch, t))
-            tick, seen = time.perf_counter(), 0
-            for x in batches:
-                x_enc, x_target = model_inputs(x, cfg.data.binarize, cfg.data.encoder_sees)
-                stats = engine.step(x_enc, x_target)
-                state.step += 1
-                seen += len(x)
-                if engine.consecutive_skips >= t.max_skips:
-                    checkpoint(last)
-                    raise TrainingStopped(
-                        f"{engine.consecutive_skips} consecutive steps skipped at step {state.step} (last loss "
-                        f"{stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}): lower train.lr, raise "
-                        "train.grad_skip (or 0 to disable), or use train.precision=fp32")
-                if state.step % t.log_every == 0:
-                    log.log_train(state.step, stats, seen / (time.perf_counter() - tick))
-                    tick, seen = time.perf_counter(), 0
-                if t.ckpt_every and state.step % t.ckpt_every == 0:
-                    checkpoint(last)
-                if interrupt.flag or state.step >= max_steps or time.monotonic() > deadline:
-                    break
-            if interrupt.flag:
-                checkpoint(last)
-                print(f"interrupted: saved {last} at step {state.step}; resume with dvp-train run_dir={run_dir}")
-                return run_dir
-            epoch_finished = batches.state_dict()["position"] == 0
-            _end_of_epoch(cfg, engine, data, state, log, run_dir, checkpoint)
-            state.epoch += epoch_finished
-            if state.epochs_since_best >= t.patience:
-                print(f"early stop: no validation improvement for {t.patience} epochs")
-                stop = True
-            stop = stop or time.monotonic() > deadline
-            checkpoint(last)
-        if t.final_eval:
-            best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-            engine.ema.load_state_dict(best["engine"]["ema"])
-            evaluate_test(engine.ema, data.test, cfg, run_dir / "checkpoints" / "best.pt", log, state.step)
+        with run.signals:
+            reason = run.fit()
+            print(f"stopped at step {state.step}: {reason}", flush=True)
+            if t.final_eval:
+                run.final_eval()
     finally:
-        interrupt.restore()
         log.close()
     return run_dir
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _restore(saved: dict[str, Any], path: Path, model: HierarchicalVAE, engine: TorchEngine,
+             batches: BatchIterator) -> LoopState:
+    """Load a checkpoint's engine, batch position and RNG; returns its loop state. A checkpoint that does not fit
+    this run is a CheckpointError (before anything is written)."""
+    for which in ("model", "ema"):
+        check_weights_match(path, model.state_dict(), saved["engine"][which], which)
+    try:
+        engine.load_state_dict(saved["engine"])
+        batches.load_state_dict(saved["batches"])
+        state = LoopState(**saved["loop"])
+        torch.set_rng_state(saved["rng"]["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {' '.join(str(e).split())}); "
+                              "start a new run_dir") from None
+    return state
+
+
+class _Run:
+    """One invocation of the loop over a prepared engine: `fit` trains until a stop, `final_eval` tests best.pt.
+
+    Kill safety: `last.pt` records the loop state, batch position, RNG and how many metric records exist; a run
+    killed anywhere resumes from it and redoes exactly what followed, so its records and weights end up as an
+    uninterrupted run's. An epoch ends with validation, images, `best.pt`, then `last.pt`; a budget stop
+    (`max_steps`, `max_minutes`) in the middle of an epoch is a pause: `last.pt` only, no validation.
+    """
+
+    def __init__(self, cfg: DictConfig, data: DataSplits, engine: TorchEngine, batches: BatchIterator,
+                 state: LoopState, log: RunLogger, run_dir: Path) -> None:
+        self.cfg, self.data, self.engine, self.batches, self.state = cfg, data, engine, batches, state
+        self.log, self.run_dir = log, run_dir
+        self.last, self.best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+        self.signals = StopSignals()
+        t = cfg.train
+        self.max_steps = t.max_steps or math.inf
+        self.deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else math.inf
+
+    def checkpoint(self, path: Path, state: LoopState | None = None,
+                   batches: dict[str, int] | None = None) -> None:
+        """Save the run (or the given loop state and batch position) to `path`; signals wait until it is done."""
+        state = state or replace(self.state, records=self.log.records)
+        with self.signals.deferred():
+            save_checkpoint(path, {"config": to_dict(self.cfg), "image_shape": list(self.data.shape),
+                                   "engine": self.engine.state_dict(), "loop": asdict(state),
+                                   "batches": batches or self.batches.state_dict(),
+                                   "rng": {"torch": torch.get_rng_state()}})
+
+    def _stop_reason(self) -> str | None:
+        s, t = self.state, self.cfg.train
+        if s.epoch >= t.max_epochs:
+            return f"finished {t.max_epochs} epochs"
+        if s.epochs_since_best >= t.patience:
+            return f"early stop: no validation improvement for {t.patience} epochs"
+        if s.step >= self.max_steps:
+            return f"train.max_steps={t.max_steps} reached (a pause: a larger train.max_steps goes on)"
+        if time.monotonic() > self.deadline:
+            return f"train.max_minutes={t.max_minutes} reached (a pause: the same command goes on)"
+        return None
+
+    def _interrupted(self, signum: int, where: str) -> Interrupted:
+        return Interrupted(f"{signal_name(signum)} {where}; {self.last} holds step {self.state.step}: "
+                           f"resume with dvp-train run_dir={self.run_dir}", signum)
+
+    def fit(self) -> str:
+        """Train epochs until max_epochs, patience, max_steps or max_minutes; returns why it stopped. Signals
+        are acted on between steps (save, then raise `Interrupted`) and during validation (see `_end_epoch`)."""
+        with self.signals.deferred():
+            while (reason := self._stop_reason()) is None:
+                self._train_steps()
+                if self.signals.received:
+                    self.checkpoint(self.last)
+                    raise self._interrupted(self.signals.received, "during training")
+                epoch_complete = (self.batches.epoch > self.state.epoch
+                                  or self.batches.state_dict()["position"] == len(self.batches))
+                if not epoch_complete:                    # a budget stop mid-epoch: a pause, not an epoch end
+                    self.checkpoint(self.last)
+                    continue
+                self._end_epoch()
+            return reason
+
+    def _train_steps(self) -> None:
+        """Optimizer steps until the epoch ends, a budget runs out or a signal arrives (checked between steps)."""
+        t, state, engine = self.cfg.train, self.state, self.engine
+        engine.set_lr(lr_at(state.epoch, t))
+        tick, seen = time.perf_counter(), 0
+        for x in self.batches:
+            x_enc, x_target = model_inputs(x, self.cfg.data.binarize, self.cfg.data.encoder_sees)
+            stats = engine.step(x_enc, x_target)
+            state.step += 1
+            seen += len(x)
+            if engine.consecutive_skips >= t.max_skips:
+                self.checkpoint(self.last)
+                raise TrainingStopped(
+                    f"{engine.consecutive_skips} consecutive steps skipped at step {state.step} (last loss "
+                    f"{stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}): lower train.lr, raise "
+                    "train.grad_skip (or 0 to disable), or use train.precision=fp32")
+            if state.step % t.log_every == 0:
+                self.log.log_train(state.step, stats, seen / (time.perf_counter() - tick))
+                tick, seen = time.perf_counter(), 0
+            if t.ckpt_every and state.step % t.ckpt_every == 0:
+                self.checkpoint(self.last)
+            if self.signals.received or state.step >= self.max_steps or time.monotonic() > self.deadline:
+                break
+
+    def _end_epoch(self) -> None:
+        """Validation, images and best.pt of the finished epoch, then last.pt. A signal in between saves the
+        state from before the epoch end (so a resumed run redoes it) and raises."""
+        before = replace(self.state, records=self.log.records)
+        position = {"epoch": self.state.epoch, "position": len(self.batches)}
+        try:
+            with self.signals.raising():
+                _end_of_epoch(self.cfg, self.engine, self.data, self.state, self.log, self.best, self.checkpoint)
+        except Interrupted as e:
+            self.state = before
+            self.checkpoint(self.last, before, position)
+            raise self._interrupted(e.signum, "during validation") from None
+        self.state.epoch += 1
+        self.batches.load_state_dict({"epoch": self.state.epoch, "position": 0})
+        self.checkpoint(self.last)
+        if self.signals.received:
+            raise self._interrupted(self.signals.received, "at the end of an epoch")
+
+    def final_eval(self) -> None:
+        """The test evaluation of best.pt (eval.*), or a line saying why there is none."""
+        if not self.best.exists():
+            why = ("the run stopped before its first epoch ended" if self.state.epoch == 0
+                   else "no validation loss was finite")
+            print(f"no final evaluation: {self.best} was not written ({why})", flush=True)
+            return
+        best = load_checkpoint(self.best)
+        model = build_model(self.cfg, self.data.shape).to(self.engine.device)
+        model.load_state_dict(best["engine"]["ema"])
+        try:
+            evaluate_test(model, self.data.test, self.cfg, self.best, self.log, self.state.step)
+        except Interrupted as e:
+            raise Interrupted(f"{signal_name(e.signum)} during the final evaluation; training is saved in "
+                              f"{self.last}; the same command redoes the evaluation, or run dvp-eval "
+                              f"run_dir={self.run_dir}", e.signum) from None
+
+
 def _end_of_epoch(cfg: DictConfig, engine: TorchEngine, data: DataSplits, state: LoopState, log: RunLogger,
-                  run_dir: Path, checkpoint: Any) -> None:
+                  best: Path, checkpoint: Any) -> None:
     """Validate the EMA model, keep the best checkpoint, write sample and reconstruction grids."""
     with torch.random.fork_rng():
         torch.manual_seed(cfg.data.split_seed)
@@ -201,7 +291,6 @@ def _end_of_epoch(cfg: DictConfig, engine: TorchEngine, data: DataSplits, state:
     log.log_images(state.step, "reconstructions", torch.cat([x.cpu(), recon.cpu()]), nrow=8)
     if metrics["loss"] < state.best_val:
         state.best_val, state.epochs_since_best = metrics["loss"], 0
-        best = run_dir / "checkpoints" / "best.pt"
         checkpoint(best)
         log.log_checkpoint(best, ["best", f"step-{state.step}"])
     else:

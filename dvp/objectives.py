@@ -3,7 +3,7 @@
     -ELBO(x)  = -log p(x|z) + sum_l KL(q(z_l|.) || p(z_l|.)) + [log q(u|x) - log p(u)]        (nats)
     bits/dim  = -ELBO / (D ln 2),  D = C H W
     IS-NLL(x) = -[logsumexp_k log w_k - log K],  log w_k = log p(x, z_k, u_k) - log q(z_k, u_k | x)
-    active units: the fraction of latent dimensions with Var_x(E_q[z]) > 0.01 (Burda et al. 2015)
+    active units: the fraction of latent dimensions with Var_x(E_q[z]) > 0.01 (Burda et al. 2015), and > 0.001
 
 The IS weight is the correct IWAE weight; `weight="analytic_kl"` reproduces the authors' estimator
 log p(x|z_k) - sum_l KL_l - [log q(u_k|x) - log p(u_k)], which is not a valid bound and only exists to compare
@@ -54,13 +54,26 @@ def importance_sampled_nll(model: HierarchicalVAE, x: Tensor, x_target: Tensor, 
     return -(torch.logsumexp(torch.cat(log_ws, 0), 0) - math.log(k))
 
 
-def active_units(mu_q: list[Tensor], threshold: float = 0.01) -> dict[str, float]:
-    """Fraction of dimensions with Var_x(E_q[z_l]) > threshold, per layer ('au/<l>') and overall ('au')."""
-    out, active, total = {}, 0, 0
-    for i, mu in enumerate(mu_q):
-        var = mu.float().flatten(1).var(0)
-        n_active = int((var > threshold).sum())
-        out[f"au/{i}"] = n_active / var.numel()
-        active, total = active + n_active, total + var.numel()
-    out["au"] = active / total
+def _au_key(threshold: float) -> str:
+    """'au' for the standard threshold 0.01, else 'au_<threshold>' written compactly: 0.001 -> 'au_1e-3'."""
+    if threshold == 0.01:
+        return "au"
+    mantissa, exponent = f"{threshold:.0e}".split("e")
+    return f"au_{mantissa}e{int(exponent)}"
+
+
+def active_units(mu_q: list[Tensor], thresholds: tuple[float, ...] = (0.01, 0.001)) -> dict[str, float]:
+    """Fraction of latent dimensions with Var_x(E_q[z_l]) > t, for each threshold t, per layer and overall.
+
+    A_t = #{d : Var_x(mu_d(x)) > t} / #{d}, the variance over the batch dimension. Keys: 'au' and 'au/<l>' for
+    t = 0.01 (Burda et al. 2015), 'au_1e-3' and 'au_1e-3/<l>' for t = 0.001.
+    """
+    variances = [mu.float().flatten(1).var(0) for mu in mu_q]
+    total = sum(var.numel() for var in variances)
+    out = {}
+    for threshold in thresholds:
+        key = _au_key(threshold)
+        counts = [int((var > threshold).sum()) for var in variances]
+        out.update({f"{key}/{i}": n / var.numel() for i, (n, var) in enumerate(zip(counts, variances))})
+        out[key] = sum(counts) / total
     return out

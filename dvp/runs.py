@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from dvp.checkpoint import CheckpointError, load_checkpoint
-from dvp.config import ConfigError, from_dict
+from dvp.checkpoint import check_weights_match, load_checkpoint
+from dvp.config import from_dict, parse_overrides, split_overrides
 from dvp.data import DataSplits, load_data_config
+from dvp.errors import CheckpointError, ConfigError
 from dvp.model import HierarchicalVAE, build_model
 
 
@@ -44,7 +46,12 @@ def checkpoint_path(args: dict[str, str]) -> Path:
         return fetch_artifact(args["artifact"])
     if "run_dir" not in args:
         raise ConfigError("give run_dir=DIR (a run directory) or artifact=ENTITY/PROJECT/NAME:ALIAS")
+    if not Path(args["run_dir"]).is_dir():
+        raise ConfigError(f"run_dir={args['run_dir']} is not a directory (no run there); give the folder "
+                          "that dvp-train printed as run_dir=...")
     which = args.get("checkpoint", "best")
+    if not which:
+        raise ConfigError("checkpoint= is empty; give best, last or a path to a .pt file")
     if which in ("best", "last"):
         path = Path(args["run_dir"]) / "checkpoints" / f"{which}.pt"
         if which == "best" and not path.exists():
@@ -53,27 +60,37 @@ def checkpoint_path(args: dict[str, str]) -> Path:
     return Path(which)
 
 
-def load_run(argv: list[str], allowed_prefixes: tuple[str, ...], extra: tuple[str, ...] = ()) -> Run:
-    """Parse `key=value` arguments, load the checkpoint and build its model (EMA or raw weights, `eval.weights`)
-    on the best device."""
+def parse_args(argv: list[str], allowed_prefixes: tuple[str, ...],
+               extra: tuple[str, ...] = ()) -> tuple[dict[str, str], list[str]]:
+    """Split `key=value` arguments into the command's own (run_dir, checkpoint, artifact and `extra`) and config
+    overrides under `allowed_prefixes`; anything else, or a key given twice, is a ConfigError."""
     args: dict[str, str] = {}
     overrides = []
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep:
-            raise ConfigError(f"argument '{a}' is not key=value")
+    for key, value in split_overrides(argv):
         if key in ("run_dir", "checkpoint", "artifact") + extra:
             args[key] = value
         elif key.startswith(allowed_prefixes):
-            overrides.append(a)
+            overrides.append(f"{key}={value}")
         else:
+            shown = [p + "*" if p.endswith(".") else p for p in extra + allowed_prefixes]
             raise ConfigError(f"'{key}' cannot be set here; allowed: run_dir, checkpoint, artifact, "
-                              f"{', '.join(extra + allowed_prefixes)}")
+                              f"{', '.join(shown)}")
+    return args, overrides
+
+
+def load_run(args: dict[str, str], overrides: list[str]) -> Run:
+    """Load the checkpoint that `args` name, apply `overrides` to its config and build its model (EMA or raw
+    weights, `eval.weights`) on the best device; every bad file or value is a one-line error before compute."""
     path = checkpoint_path(args)
     state = load_checkpoint(path)
-    cfg = from_dict(OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(state["config"]),
-                                                           OmegaConf.from_dotlist(overrides))))
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(state["config"]), parse_overrides(split_overrides(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot apply {overrides} to the config of {path}: {str(e).splitlines()[0]}") from None
+    cfg = from_dict(OmegaConf.to_container(merged))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, tuple(state["image_shape"]))
-    model.load_state_dict(state["engine"]["ema" if cfg.eval.weights == "ema" else "model"])
+    which = "ema" if cfg.eval.weights == "ema" else "model"
+    check_weights_match(path, model.state_dict(), state["engine"][which], which)
+    model.load_state_dict(state["engine"][which])
     return Run(cfg, model.to(device).eval(), path, args)

@@ -60,3 +60,25 @@ def test_dvp_info_prints_resolved_config_and_params_last() -> None:
 def test_cli_bad_key_exits_2_with_one_line() -> None:
     res = subprocess.run([sys.executable, "-m", "dvp.info", "train.lrr=1"], capture_output=True, text=True)
     assert res.returncode == 2 and "train.lrr" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_every_numeric_key_has_a_range_and_every_nullable_key_a_type() -> None:
+    from omegaconf import OmegaConf
+
+    from dvp.config import CHOICES, CONFIG_DIR, NULLABLE, RANGES, _leaves
+    defaults = dict(_leaves(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "defaults.yaml"))))
+    numeric = {k for k, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric |= {k for k, t in NULLABLE.items() if t in (int, float)}
+    assert numeric - set(CHOICES) - {"model.latent_scales"} <= set(RANGES), numeric - set(RANGES)
+    assert set(RANGES) <= set(defaults) and set(NULLABLE) == {k for k, v in defaults.items() if v is None}
+
+
+@pytest.mark.parametrize("key,bad,good", [
+    ("train.lr", "0", "1e-4"), ("train.log_every", "0", "1"), ("train.lr_epochs", "0", "1"),
+    ("train.ema", "1", "0.5"), ("eval.max_images", "0", "1"), ("train.num_threads", "0", "1"),
+    ("model.diffusion.dropout", "1", "0.5"), ("train.max_minutes", "-1", "0"),
+])
+def test_range_edges(key: str, bad: str, good: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose([f"{key}={bad}"])
+    compose([f"{key}={good}"])

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.utils import save_image
 
 from dvp.curves import compare_curves, plot_curves
-from dvp.logger import RunLogger, read_metrics
+from dvp.logger import RunLogger, read_metrics, replace_atomically, save_grid
 
 
 @pytest.fixture(autouse=True)
@@ -80,18 +82,48 @@ def test_disabled_writes_nothing(tmp_path):
 
 
 def test_image_grid(tmp_path):
+    """Grids are upscaled by the smallest integer factor that makes them >= 512 px wide."""
     log = RunLogger(tmp_path, {}, total_steps=None, wandb_mode="disabled")
     images = torch.linspace(-1, 1, 16 * 64).reshape(16, 1, 8, 8)
     path = log.log_images(12, "samples", images, nrow=4)
     assert path == tmp_path / "images" / "samples_step0000012.png"
     with Image.open(path) as im:
-        assert im.size == (4 * 8 + 5 * 2, 4 * 8 + 5 * 2)
+        assert im.size == (13 * (4 * 8 + 5 * 2),) * 2  # 42 px -> x13 = 546 px
         assert im.getextrema()[0] == (0, 255)  # [-1, 1] mapped onto the full range
     default = log.log_images(13, "recon", torch.zeros(5, 3, 8, 8))  # nrow = ceil(sqrt(5)) = 3
     with Image.open(default) as im:
-        assert im.size == (3 * 8 + 4 * 2, 2 * 8 + 3 * 2)
+        assert im.size == (16 * (3 * 8 + 4 * 2), 16 * (2 * 8 + 3 * 2))  # 32 x 22 px -> x16 = 512 x 352
     log.close()
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [default.name, path.name]
+
+
+def test_save_grid_is_a_nearest_neighbour_upscaling(tmp_path):
+    images = torch.rand(7, 1, 8, 8) * 2.4 - 1.2  # out of range values are clamped
+    save_image((images.clamp(-1, 1) + 1) / 2, tmp_path / "plain.png", nrow=3, padding=2)
+    assert save_grid(images, tmp_path / "same.png", nrow=3, min_width=32) == tmp_path / "same.png"
+    save_grid(images, tmp_path / "big.png", nrow=3, min_width=100)  # 32 px -> x4 = 128 px
+    save_grid(images, tmp_path / "default.png")  # nrow = ceil(sqrt(7)) = 3, 32 px -> x16 = 512 px
+    plain, same, big, default = (np.asarray(Image.open(tmp_path / f"{name}.png"))
+                                 for name in ("plain", "same", "big", "default"))
+    assert plain.shape == same.shape == (32, 32, 3) and (same == plain).all()
+    assert big.shape == (128, 128, 3) and (big == plain.repeat(4, 0).repeat(4, 1)).all()
+    assert default.shape == (512, 512, 3) and (default == plain.repeat(16, 0).repeat(16, 1)).all()
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_replace_atomically_keeps_the_old_file_when_interrupted(tmp_path):
+    path = tmp_path / "best.eval.json"
+    path.write_text('{"nll": 1.0}')
+
+    def interrupted(tmp):
+        tmp.write_text('{"nll": 2.')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_atomically(path, interrupted)
+    assert path.read_text() == '{"nll": 1.0}' and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    replace_atomically(path, lambda tmp: tmp.write_text('{"nll": 2.0}'))
+    assert path.read_text() == '{"nll": 2.0}' and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_wandb_offline_run_and_resume(tmp_path, capsys):

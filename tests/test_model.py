@@ -220,7 +220,7 @@ def test_active_units_counts_dimensions_whose_posterior_mean_varies() -> None:
     mu_live = torch.randn(100, 1, 2, 2)
     mu_dead = torch.zeros(100, 1, 2, 2) + 0.001 * torch.randn(100, 1, 2, 2)
     au = active_units([mu_live, mu_dead])
-    assert au == {"au/0": 1.0, "au/1": 0.0, "au": 0.5}
+    assert au == {"au/0": 1.0, "au/1": 0.0, "au": 0.5, "au_1e-3/0": 1.0, "au_1e-3/1": 0.0, "au_1e-3": 0.5}
 
 
 def test_u_term_is_log_q_minus_the_diffusion_bound() -> None:
