@@ -8,6 +8,8 @@ POINT is where the N-th (1-based) event kills the process with SIGKILL (kill -9,
     after_val   right after the N-th validation record reached metrics.jsonl, before the epoch's checkpoints
     after_best  right after the N-th best.pt was written, before the epoch's last.pt
     final_eval  inside the N-th importance-sampling pass of the final evaluation
+    term_val    not a kill: a real SIGTERM to itself at the start of the N-th validation pass (the handler runs
+                inside the validation code, as when Slurm's SIGTERM arrives there)
 """
 from __future__ import annotations
 
@@ -69,6 +71,19 @@ def _half_save(n: int) -> Callable[..., Any]:
     return save
 
 
+def _sigterm_on_nth(n: int, original: Callable[..., Any]) -> Callable[..., Any]:
+    """`original` that sends SIGTERM to its own process as its n-th call starts."""
+    count = 0
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    return wrapped
+
+
 def main() -> int:
     point, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     if point == "step":
@@ -81,6 +96,8 @@ def main() -> int:
     elif point == "after_best":
         dvp.loop.save_checkpoint = _on_nth(n, dvp.loop.save_checkpoint, before=False,
                                            when=lambda path, state: path.name == "best.pt")
+    elif point == "term_val":
+        dvp.loop.evaluate_elbo = _sigterm_on_nth(n, dvp.loop.evaluate_elbo)
     elif point == "final_eval":
         dvp.evaluate.importance_sampled_nll = _on_nth(n, dvp.evaluate.importance_sampled_nll, before=True)
     else:

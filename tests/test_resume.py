@@ -85,6 +85,20 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference: Path, tmp_pa
     _assert_same_run(reference, run_dir)
 
 
+def test_sigterm_during_validation_saves_the_state_before_the_epoch_end(reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    stopped = _train(run_dir, kill=("term_val", 2))                  # a real SIGTERM inside the epoch-1 validation
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("stopped: SIGTERM during validation")
+    assert "Traceback" not in stopped.stderr
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert saved["loop"]["step"] == 40 and saved["loop"]["epoch"] == 1          # before the epoch end
+    assert [r["step"] for r in _records(run_dir) if r["split"] == "val"] == [20]
+    resumed = _train(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(reference, run_dir)
+
+
 def test_budget_stop_mid_epoch_is_a_pause_not_an_epoch_end(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = _train(run_dir, "train.max_steps=30", "train.final_eval=false")       # stops mid-epoch 1
