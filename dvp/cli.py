@@ -3,11 +3,13 @@ and checkpoint errors print one clear line and exit 2 instead of a traceback; SI
 within seconds with one line (exit 128 + the signal number), after what the command saves on a stop."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 from dvp.config import experiments
-from dvp.errors import USER_ERRORS, Interrupted
+from dvp.errors import USER_ERRORS, ConfigError, Interrupted
+from dvp.launch import DistContext, detect, init
 from dvp.signals import StopSignals
 
 MAIN_KEYS = """
@@ -40,3 +42,13 @@ def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str]) ->
     except Interrupted as e:
         print(f"stopped: {one_line(e)}", file=sys.stderr)
         return 128 + e.signum
+
+
+def single_process_context() -> DistContext:
+    """The context of this launch (the device from DeepSpeed's accelerator abstraction); a multi-process launch
+    (torchrun, srun, mpiexec, ...) is refused until the DeepSpeed data-parallel engine exists."""
+    env = detect(os.environ)
+    if env.world_size > 1:
+        raise ConfigError(f"{env.launcher} started {env.world_size} processes, but dvp trains and evaluates in one "
+                          "process so far (data-parallel training is not built yet); run the command directly")
+    return init(env)

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from dvp.cli import run_cli
+from dvp.cli import run_cli, single_process_context
 from dvp.data import model_inputs
 from dvp.engine import autocast
 from dvp.logger import replace_atomically
@@ -189,7 +189,7 @@ def evaluate_cli(argv: list[str]) -> int:
     args, overrides = parse_args(argv, allowed_prefixes=("eval.", "data.root", "data.download"), extra=("out",))
     if "out" in args:
         check_output_file(Path(args["out"]), "out")
-    run = load_run(args, overrides)
+    run = load_run(args, overrides, single_process_context().device)
     out = Path(args["out"]) if "out" in args else results_path(run.checkpoint, run.cfg.eval.weights)
     check_output_file(out, "out")
     data = run.data()

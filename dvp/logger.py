@@ -159,8 +159,10 @@ class RunLogger:
         if not id_path.exists():
             id_path.write_text(secrets.token_hex(4) + "\n")
         run_id = id_path.read_text().strip()
-        self._run = wandb.init(mode=mode, dir=self.run_dir, project=project, entity=entity, config=config,
-                               id=run_id, resume="allow")
+        # an absolute dir: a wandb service inherited from a parent process (WANDB_SERVICE) resolves a relative
+        # one in its own working directory
+        self._run = wandb.init(mode=mode, dir=self.run_dir.resolve(), project=project, entity=entity,
+                               config=config, id=run_id, resume="allow")
 
     def _wandb_call(self, call: Callable[[], None]) -> None:
         """Run a wandb call; on any exception warn once and switch wandb off for the rest of the run."""

@@ -32,6 +32,7 @@ from dvp.data import BatchIterator, DataSplits, load_data_config, model_inputs
 from dvp.engine import TorchEngine
 from dvp.errors import CheckpointError, ConfigError, Interrupted, TrainingStopped
 from dvp.evaluate import evaluate_elbo, evaluate_test
+from dvp.launch import detect, init
 from dvp.logger import RunLogger, replace_atomically
 from dvp.model import HierarchicalVAE, build_model, parameter_counts
 from dvp.paths import check_output_dir
@@ -85,8 +86,9 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
     return from_dict(OmegaConf.to_container(merged))
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
-    """Train (or resume) the run described by `cfg`; returns the run directory.
+def train(cfg: DictConfig, overrides: list[str] | None = None, device: torch.device | None = None) -> Path:
+    """Train (or resume) the run described by `cfg` on `device` (default: the launch context's, see
+    `dvp.launch`); returns the run directory.
 
     Every check (config, run dir, checkpoint, data) happens before anything is written; SIGTERM/Ctrl-C save
     `last.pt` and raise `Interrupted`."""
@@ -101,7 +103,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     cfg.run_dir = str(run_dir)
     t = cfg.train
     data, model = prepare(cfg)
-    engine = TorchEngine(model.to(_device()), t, data.shape)
+    engine = TorchEngine(model.to(device or init(detect({})).device), t, data.shape)
     batches = BatchIterator(data.train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True,
                             flip=cfg.data.flip)
     state = _restore(saved, last, model, engine, batches) if saved is not None else LoopState()
@@ -131,10 +133,6 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     finally:
         log.close()
     return run_dir
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _restore(saved: dict[str, Any], path: Path, model: HierarchicalVAE, engine: TorchEngine,

@@ -78,9 +78,9 @@ def parse_args(argv: list[str], allowed_prefixes: tuple[str, ...],
     return args, overrides
 
 
-def load_run(args: dict[str, str], overrides: list[str]) -> Run:
+def load_run(args: dict[str, str], overrides: list[str], device: torch.device) -> Run:
     """Load the checkpoint that `args` name, apply `overrides` to its config and build its model (EMA or raw
-    weights, `eval.weights`) on the best device; every bad file or value is a one-line error before compute."""
+    weights, `eval.weights`) on `device`; every bad file or value is a one-line error before compute."""
     path = checkpoint_path(args)
     state = load_checkpoint(path)
     try:
@@ -88,7 +88,6 @@ def load_run(args: dict[str, str], overrides: list[str]) -> Run:
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot apply {overrides} to the config of {path}: {str(e).splitlines()[0]}") from None
     cfg = from_dict(OmegaConf.to_container(merged))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, tuple(state["image_shape"]))
     which = "ema" if cfg.eval.weights == "ema" else "model"
     check_weights_match(path, model.state_dict(), state["engine"][which], which)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dvp.cli import run_cli
+from dvp.cli import run_cli, single_process_context
 from dvp.errors import ConfigError
 from dvp.logger import save_grid
 from dvp.paths import check_output_file
@@ -55,7 +55,7 @@ def sample_cli(argv: list[str]) -> int:
     n, temperature, seed = sample_options(args)
     if "out" in args:
         check_output_file(Path(args["out"]), "out")
-    run = load_run(args, overrides)
+    run = load_run(args, overrides, single_process_context().device)
     out = Path(args.get("out", run.checkpoint.parent.parent / f"samples_t{temperature:g}.png"))
     check_output_file(out, "out")
     print(f"sampling {n} images at temperature {temperature:g} from {run.checkpoint}", file=sys.stderr, flush=True)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import sys
 
-from dvp.cli import run_cli
+from dvp.cli import run_cli, single_process_context
 from dvp.config import compose
 from dvp.loop import train
 
 
 def train_cli(argv: list[str]) -> int:
-    run_dir = train(compose(argv), argv)
+    cfg = compose(argv)
+    run_dir = train(cfg, argv, single_process_context().device)
     print(f"run_dir={run_dir}")
     return 0
 
