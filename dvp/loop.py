@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dvp.checkpoint import check_weights_match, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from dvp.config import from_dict, split_overrides, to_dict, validate
+from dvp.config import from_dict, parse_overrides, split_overrides, to_dict, validate
 from dvp.data import BatchIterator, DataSplits, load_data_config, model_inputs
 from dvp.engine import TorchEngine
 from dvp.errors import CheckpointError, ConfigError, Interrupted, TrainingStopped
@@ -77,8 +77,8 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 
 def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
     """The saved config with this command's overrides on top; model and data keys cannot change."""
-    merged = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(
-        [f"{k}={v}" for k, v in split_overrides(overrides) if k not in ("experiment", "run_dir", "train.resume")]))
+    merged = OmegaConf.merge(OmegaConf.create(saved), parse_overrides(
+        [(k, v) for k, v in split_overrides(overrides) if k not in ("experiment", "run_dir", "train.resume")]))
     for section in ("model", "data"):
         if OmegaConf.to_container(merged[section]) != saved[section]:
             raise ConfigError(f"cannot change {section}.* when resuming {cfg.run_dir}; "
