@@ -6,6 +6,8 @@ Loads a trained checkpoint (model weights, not EMA), takes one training batch of
 computes the float32 gradient of the training loss (the reference). Per parameter group it then reports the
 cosine similarity of the reference with
 - `bf16`: the same batch and the same z/u/t noise under bf16 autocast (what mixed precision changes);
+- `deepspeed_bf16`: the same, through the DeepSpeed engine (`train.precision=bf16`: its torch_autocast mode with
+  the float32 modules kept, float32 parameters and gradients), ZeRO stage `--zero-stage`, one process;
 - `other_noise`: float32, the same batch, other noise (the estimator's own noise);
 - `other_batch`: float32, another batch (minibatch noise).
 A bf16 cosine below the two noise columns means mixed precision degrades the gradient more than sampling does.
@@ -22,7 +24,10 @@ import torch
 from dvp.checkpoint import load_checkpoint
 from dvp.config import from_dict
 from dvp.data import load_data, model_inputs
+from dvp.engines import make_engine
+from dvp.launch import detect, init
 from dvp.model import HierarchicalVAE, build_model
+from dvp.noise import Noise
 from dvp.objectives import elbo_stats
 
 BATCH = 250
@@ -38,19 +43,42 @@ def group_of(name: str) -> str:
     return parts[0]
 
 
+def noise(seed: int, n: int) -> Noise:
+    return Noise(seed, n, 0, n)
+
+
+def grouped(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            groups.setdefault(group_of(name), []).append(p.grad.flatten().float())
+    return {k: torch.cat(v) for k, v in groups.items()}
+
+
 def gradient(model: HierarchicalVAE, x: torch.Tensor, x_target: torch.Tensor, bf16: bool,
              seed: int) -> dict[str, torch.Tensor]:
     """Flattened gradient of the training loss per parameter group; noise from `seed`."""
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        terms = model(x, x_target)
+        terms = model(x, x_target, noise=noise(seed, len(x)))
     elbo_stats(terms, model.image_shape)["loss"].backward()
-    groups: dict[str, list[torch.Tensor]] = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            groups.setdefault(group_of(name), []).append(p.grad.flatten())
-    return {k: torch.cat(v) for k, v in groups.items()}
+    return grouped(model)
+
+
+def deepspeed_gradient(state: dict, x: torch.Tensor, x_target: torch.Tensor, seed: int,
+                       stage: int) -> dict[str, torch.Tensor]:
+    """The same gradient through the DeepSpeed engine in bf16 (one process, ZeRO `stage`, gradient read after
+    DeepSpeed's backward: stage 0 keeps it whole on the parameters)."""
+    cfg = from_dict({**state["config"], "train": {**state["config"]["train"], "precision": "bf16"},
+                     "dist": {**state["config"]["dist"], "engine": "deepspeed", "zero_stage": stage,
+                              "micro_batch": None}})
+    cfg.train.batch_size = len(x)
+    model = build_model(cfg, tuple(state["image_shape"]))
+    model.load_state_dict(state["engine"]["model"])
+    engine = make_engine(model, cfg, tuple(state["image_shape"]), init(detect({})))
+    terms = engine.ds(x, x_target, noise=noise(seed, len(x)))
+    engine.ds.backward(elbo_stats(terms, engine.image_shape)["loss"])
+    return grouped(engine.module)
 
 
 def main() -> None:
@@ -58,6 +86,8 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("--data-root", required=True, help="directory with mnist.npz")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage of the DeepSpeed column (0 keeps "
+                   "whole gradients on the parameters)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bf16_gradients.json"))
     args = p.parse_args()
     if args.threads:
@@ -67,25 +97,28 @@ def main() -> None:
     model = build_model(cfg, tuple(state["image_shape"]))
     model.load_state_dict(state["engine"]["model"])
     train = load_data("mnist", args.data_root).train
-    g = torch.Generator().manual_seed(0)
-    batch_a = model_inputs(train[:BATCH], binarize=True, generator=g)
-    batch_b = model_inputs(train[BATCH:2 * BATCH], binarize=True, generator=g)
+    batch_a = model_inputs(train[:BATCH], binarize=True, noise=noise(0, BATCH))
+    batch_b = model_inputs(train[BATCH:2 * BATCH], binarize=True, noise=noise(1, BATCH))
     ref = gradient(model, *batch_a, bf16=False, seed=7)
     compared = {"bf16": gradient(model, *batch_a, bf16=True, seed=7),
+                "deepspeed_bf16": deepspeed_gradient(state, *batch_a, seed=7, stage=args.zero_stage),
                 "other_noise": gradient(model, *batch_a, bf16=False, seed=8),
                 "other_batch": gradient(model, *batch_b, bf16=False, seed=7)}
     cosine = {k: {c: torch.nn.functional.cosine_similarity(ref[k], grads[k], 0).item()
                   for c, grads in compared.items()} for k in ref}
-    rel_err = {k: ((compared["bf16"][k] - ref[k]).norm() / ref[k].norm()).item() for k in ref}
+    rel_err = {k: {c: ((compared[c][k] - ref[k]).norm() / ref[k].norm()).item()
+                   for c in ("bf16", "deepspeed_bf16")} for k in ref}
     out = {"checkpoint": str(args.checkpoint), "step": state["loop"].get("step"), "batch": BATCH,
-           "cosine": cosine, "bf16_relative_error": rel_err}
+           "zero_stage": args.zero_stage, "cosine": cosine, "relative_error": rel_err}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
-    print(f"{'group':22s} {'bf16':>8s} {'other_noise':>12s} {'other_batch':>12s} {'bf16 rel err':>13s}")
+    print(f"{'group':22s} {'bf16':>8s} {'ds_bf16':>8s} {'other_noise':>12s} {'other_batch':>12s} "
+          f"{'bf16 rel err':>13s} {'ds rel err':>11s}")
     for k in sorted(cosine):
-        c = cosine[k]
-        print(f"{k:22s} {c['bf16']:8.4f} {c['other_noise']:12.4f} {c['other_batch']:12.4f} {rel_err[k]:13.4f}")
+        c, e = cosine[k], rel_err[k]
+        print(f"{k:22s} {c['bf16']:8.4f} {c['deepspeed_bf16']:8.4f} {c['other_noise']:12.4f} "
+              f"{c['other_batch']:12.4f} {e['bf16']:13.4f} {e['deepspeed_bf16']:11.4f}")
     print(f"wrote {path}")
 
 

@@ -37,8 +37,9 @@ import torch
 
 from dvp.blocks import Float32Conv2d
 from dvp.config import compose
-from dvp.data import load_data, model_inputs
+from dvp.data import load_data
 from dvp.engine import TorchEngine
+from dvp.launch import detect, init
 from dvp.loop import lr_at
 from dvp.model import HierarchicalVAE, build_model
 from dvp.objectives import elbo_stats
@@ -72,12 +73,12 @@ def images(data_root: str | None, seed: int) -> torch.Tensor:
     return torch.rand(10_000, 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def batches(train: torch.Tensor, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n fixed (input, binarised target) batches, identical for every setting."""
+def batches(train: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
+    """n fixed global batches, identical for every setting (the engine binarises them with its seeded noise)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train), generator=g)
     idx = idx.repeat(-(-n * BATCH // len(idx)))[:n * BATCH]
-    return [model_inputs(train[idx[i * BATCH:(i + 1) * BATCH]], binarize=True, generator=g) for i in range(n)]
+    return [train[idx[i * BATCH:(i + 1) * BATCH]] for i in range(n)]
 
 
 def model_for(cfg: Any, train: torch.Tensor) -> HierarchicalVAE:
@@ -96,19 +97,18 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = config(setting, args.seed)
     train = images(args.data_root, args.seed)
     data = batches(train, args.warmup + args.steps, args.seed)
-    engine = TorchEngine(model_for(cfg, train), cfg.train, (1, 28, 28))
+    engine = TorchEngine(model_for(cfg, train), cfg, (1, 28, 28), init(detect({})))
     engine.set_lr(lr_at(0, cfg.train))
-    torch.manual_seed(args.seed + 1)   # the model's noise (z, u, t, eps)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times, nelbos = [], []
-    for x, x_target in data:
+    for step, x in enumerate(data):
         t0 = time.perf_counter()
-        stats = engine.step(x, x_target)
+        stats = engine.step(x, step)
         times.append(time.perf_counter() - t0)
         nelbos.append(stats["nelbo"])
     timed = times[args.warmup:]
     median = statistics.median(timed)
-    conv_s = conv_seconds(engine, *data[-1])
+    conv_s = conv_seconds(engine, data[-1])
     return {"setting": setting, **SETTINGS[setting], "threads": torch.get_num_threads(),
             "warmup_steps": args.warmup, "timed_steps": args.steps,
             "first_step_s": times[0], "warmup_s": sum(times[:args.warmup]),
@@ -118,7 +118,7 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
             "nelbo_steps": nelbos, "nelbo_final": statistics.fmean(nelbos[-min(LAST, args.steps):])}
 
 
-def conv_seconds(engine: TorchEngine, x: torch.Tensor, x_target: torch.Tensor) -> float:
+def conv_seconds(engine: TorchEngine, x: torch.Tensor) -> float:
     """Seconds of one extra (profiled, untimed) step spent inside convolutions and matrix products, forward and
     backward (oneDNN convolutions, and the float32 1x1 convolutions that run as `mm`/`addmm`).
 
@@ -127,7 +127,7 @@ def conv_seconds(engine: TorchEngine, x: torch.Tensor, x_target: torch.Tensor) -
     """
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        engine.step(x, x_target)
+        engine.step(x, 0)
     conv_ops = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::mm", "aten::addmm", "aten::bmm")
     return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in conv_ops) / 1e6
 

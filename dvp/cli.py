@@ -1,11 +1,16 @@
 """Shared command-line plumbing: `--help` prints the command's docstring and the main keys; configuration, data
-and checkpoint errors print one clear line and exit 2 instead of a traceback; SIGTERM and Ctrl-C end any command
-within seconds with one line (exit 128 + the signal number), after what the command saves on a stop."""
+and checkpoint errors print one clear line and exit 2 instead of a traceback; SIGTERM, SIGUSR1 and Ctrl-C end any
+command within seconds with one line, after what the command saves on a stop (exit 0 when training was saved
+after SIGTERM/SIGUSR1, a preemption; otherwise 128 + the signal number); a collective that fails because another
+process of the job died is one line and exit 1."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable
+
+import torch.distributed as dist
 
 from dvp.config import experiments
 from dvp.errors import USER_ERRORS, ConfigError, Interrupted
@@ -18,7 +23,8 @@ Main keys (any key of configs/defaults.yaml works as key=value):
   run_dir=DIR                run directory (default runs/<experiment>/<timestamp>)
   data.root=DIR              dataset files (e.g. data.root=../shared/data for mnist.npz); data.download=true
   model.latent_scales=[4,4]  latents per resolution, finest first;  model.ctx_size=K  pseudo-input k x k
-  train.lr=  train.batch_size=  train.max_epochs=  train.max_steps=  train.precision=fp32|bf16  train.seed=
+  train.lr=  train.batch_size= (global)  train.max_epochs=  train.max_steps=  train.precision=fp32|bf16|fp16
+  train.seed=  dist.zero_stage=0..3  dist.micro_batch=N (per process per forward)  dist.engine=auto|torch|deepspeed
   eval.is_samples=K          importance samples of the test NLL;  wandb.mode=online|offline|disabled
 """
 
@@ -41,14 +47,24 @@ def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str]) ->
         return 2
     except Interrupted as e:
         print(f"stopped: {one_line(e)}", file=sys.stderr)
-        return 128 + e.signum
+        return 0 if e.saved and e.signum != signal.SIGINT else 128 + e.signum
+    except dist.DistError as e:
+        print(f"error: another process of this job failed or was stopped ({type(e).__name__}: "
+              f"{one_line(e)[:300]}); its own message says why; rerun the same command to resume from the last "
+              "checkpoint", file=sys.stderr)
+        return 1
 
 
-def single_process_context() -> DistContext:
-    """The context of this launch (the device from DeepSpeed's accelerator abstraction); a multi-process launch
-    (torchrun, srun, mpiexec, ...) is refused until the DeepSpeed data-parallel engine exists."""
+def launch_context() -> DistContext:
+    """The distributed context of this launch (torchrun, deepspeed, srun, mpiexec, Ray or a plain process),
+    with the device from DeepSpeed's accelerator abstraction."""
+    return init(detect(os.environ))
+
+
+def single_process_context(command: str) -> DistContext:
+    """The context of a command that runs in one process; a multi-process launch is a one-line error."""
     env = detect(os.environ)
     if env.world_size > 1:
-        raise ConfigError(f"{env.launcher} started {env.world_size} processes, but dvp trains and evaluates in one "
-                          "process so far (data-parallel training is not built yet); run the command directly")
+        raise ConfigError(f"{env.launcher} started {env.world_size} processes, but {command} runs in one process; "
+                          "run it directly (dvp-train and dvp-eval use many)")
     return init(env)

@@ -37,8 +37,9 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.name": ("dvp_vae", "ladder", "vampprior"),
     "model.likelihood": ("bernoulli", "logistic_mixture"),
     "model.ctx_type": ("dct", "downsample"),
-    "train.precision": ("fp32", "bf16"),
+    "train.precision": ("fp32", "bf16", "fp16"),
     "dist.zero_stage": (0, 1, 2, 3),
+    "dist.engine": ("auto", "torch", "deepspeed"),
     "eval.is_weight": ("iwae", "analytic_kl"),
     "eval.weights": ("ema", "raw"),
     "eval.precision": ("fp32", "bf16"),
@@ -49,6 +50,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 NULLABLE: dict[str, type] = {
     "experiment": str, "run_dir": str, "data.root": str, "data.val_size": int, "model.input_mean": float,
     "model.input_std": float, "train.max_steps": int, "train.num_threads": int, "eval.max_images": int,
+    "dist.micro_batch": int,
     "wandb.entity": str,
 }
 """Keys whose default is null, with the type a non-null value must have; every other key refuses null."""
@@ -97,7 +99,8 @@ RANGES: dict[str, Range] = {
     "train.grad_clip": NON_NEGATIVE, "train.grad_skip": NON_NEGATIVE, "train.max_skips": AT_LEAST_1,
     "train.ema": Range(0, 1, hi_open=True), "train.patience": AT_LEAST_1, "train.seed": SEED,
     "train.max_minutes": NON_NEGATIVE, "train.ckpt_every": NON_NEGATIVE, "train.log_every": AT_LEAST_1,
-    "train.num_threads": Range(1, 1024), "dist.zero_stage": Range(0, 3), "eval.is_samples": AT_LEAST_1,
+    "train.num_threads": Range(1, 1024), "dist.zero_stage": Range(0, 3), "dist.micro_batch": AT_LEAST_1,
+    "eval.is_samples": AT_LEAST_1,
     "eval.is_chunk": AT_LEAST_1, "eval.max_images": AT_LEAST_1, "eval.batch_size": AT_LEAST_1,
 }
 """The allowed range of every numeric key of configs/defaults.yaml (a test checks that none is missing)."""
@@ -280,9 +283,29 @@ def group_resolutions(cfg: DictConfig, shape: tuple[int, int, int]) -> list[int]
     return [h // 2 ** (i + offset) for i in range(len(cfg.model.latent_scales))]
 
 
-def validate(cfg: DictConfig, shape: tuple[int, int, int] | None = None, n_train: int | None = None) -> None:
+def _check_batch_split(cfg: DictConfig, world_size: int) -> None:
+    """train.batch_size (global, per optimizer step) = world_size x dist.micro_batch x accumulation steps."""
+    b, micro = cfg.train.batch_size, cfg.dist.micro_batch
+    if cfg.dist.engine == "torch" and world_size > 1:
+        raise ConfigError(f"dist.engine=torch runs in one process but {world_size} were launched; use "
+                          "dist.engine=deepspeed (or auto)")
+    if micro is None:
+        if b % world_size:
+            raise ConfigError(f"train.batch_size={b} (the global batch) does not split over {world_size} "
+                              f"processes; use a multiple of {world_size}")
+    elif b % (world_size * micro):
+        raise ConfigError(f"train.batch_size={b} (the global batch) is not a multiple of {world_size} processes "
+                          f"x dist.micro_batch={micro}; choose dist.micro_batch dividing {b // world_size}"
+                          if b % world_size == 0 else
+                          f"train.batch_size={b} (the global batch) does not split over {world_size} processes; "
+                          f"use a multiple of {world_size} x dist.micro_batch={micro}")
+
+
+def validate(cfg: DictConfig, shape: tuple[int, int, int] | None = None, n_train: int | None = None,
+             world_size: int = 1) -> None:
     """Raise ConfigError for any value outside its choices or range, or any combination that cannot run;
-    `shape` and `n_train` (the image shape and training-split size, once the data is loaded) add their checks."""
+    `shape` and `n_train` (the image shape and training-split size, once the data is loaded) and `world_size`
+    (processes of the launch) add their checks."""
     flat = dict(_leaves(OmegaConf.to_container(cfg)))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
@@ -312,6 +335,7 @@ def validate(cfg: DictConfig, shape: tuple[int, int, int] | None = None, n_train
     if n_train is not None and cfg.train.batch_size > n_train:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split of "
                           f"data '{d.name}' ({n_train} images); use at most {n_train}")
+    _check_batch_split(cfg, world_size)
     shape = shape or DATASET_SHAPES.get(d.name)
     if shape is None:
         return  # npz: checked again once the data is loaded

@@ -42,6 +42,7 @@ import torchvision
 
 from dvp.errors import DataError
 from dvp.file_kind import text_start
+from dvp.noise import Noise, rand_like
 
 __all__ = ["DATASETS", "BatchIterator", "DataError", "DataSplits", "dynamic_binarize", "load_data",
            "load_data_config", "model_inputs"]
@@ -127,17 +128,17 @@ def load_data_config(data_cfg: Mapping) -> DataSplits:
                      val_size=data_cfg["val_size"], split_seed=data_cfg["split_seed"])
 
 
-def dynamic_binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw ``x_bin ~ Bernoulli((x + 1) / 2)`` for grey levels ``x`` in ``[-1, 1]``.
+def dynamic_binarize(x: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
+    """Draw ``x_bin ~ Bernoulli((x + 1) / 2)`` for grey levels ``x`` in ``[-1, 1]``: ``x_bin = [v < (x + 1) / 2]``
+    with ``v ~ U(0, 1)`` from ``noise`` (see dvp.noise) or the default RNG.
 
-    Returns a tensor of the same shape, dtype and device as ``x`` with values in ``{0, 1}``. ``generator``
-    must live on ``x``'s device.
+    Returns a tensor of the same shape, dtype and device as ``x`` with values in ``{0, 1}``.
     """
-    return torch.bernoulli(((x + 1) / 2).clamp(0, 1), generator=generator)
+    return (rand_like(x, noise) < ((x + 1) / 2).clamp(0, 1)).to(x.dtype)
 
 
 def model_inputs(x: torch.Tensor, binarize: bool, encoder_sees: str = "grey",
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 noise: Noise | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(what the encoder and the pseudo-input see, what the likelihood models) for a batch in [-1, 1].
 
     With `binarize`, the target is a fresh x_bin ~ Bernoulli((x+1)/2) and the encoder sees the grey levels
@@ -145,7 +146,7 @@ def model_inputs(x: torch.Tensor, binarize: bool, encoder_sees: str = "grey",
     """
     if not binarize:
         return x, x
-    x_bin = dynamic_binarize(x, generator)
+    x_bin = dynamic_binarize(x, noise)
     return (x if encoder_sees == "grey" else x_bin * 2 - 1), x_bin
 
 

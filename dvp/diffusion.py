@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvp.noise import Noise, rand_like, randn_like
 from dvp.unet import UNet
 
 
@@ -113,7 +114,7 @@ class DiffusionPrior(nn.Module):
         eps_hat = self.unet(z_t, t).float()
         return 0.5 * self.schedule.derivative(t) * per_example((eps - eps_hat).pow(2))
 
-    def quadrature_loss(self, u: Tensor) -> Tensor:
+    def quadrature_loss(self, u: Tensor, noise: Noise | None = None) -> Tensor:
         """L_inf ~= 1/T sum_{j=1..T} 1/2 gamma'(t_j) ||eps_j - eps_hat(z_{t_j}, t_j)||^2,
         t_j = j/T, with fresh noise eps_j at each point.
 
@@ -123,9 +124,10 @@ class DiffusionPrior(nn.Module):
         t_grid = torch.arange(1, self.T + 1, device=u.device, dtype=torch.float32) / self.T
         u_rep = u.float().repeat_interleave(self.T, dim=0)  # row b*T + j holds example b at t_grid[j]
         t_rep = t_grid.repeat(b)
-        return self.diffusion_loss(u_rep, t_rep, torch.randn_like(u_rep)).view(b, self.T).mean(1)
+        eps = randn_like(u_rep, noise, inner=self.T)
+        return self.diffusion_loss(u_rep, t_rep, eps).view(b, self.T).mean(1)
 
-    def loss(self, u: Tensor, quadrature: bool = False) -> Tensor:
+    def loss(self, u: Tensor, quadrature: bool = False, noise: Noise | None = None) -> Tensor:
         """L_0 + L_inf + L_T in nats per example ([B], float32), an upper bound on -log p(u) in expectation.
 
         L_inf uses one t ~ U(0, 1) per example, or the T-point quadrature when `quadrature` (test time).
@@ -133,15 +135,15 @@ class DiffusionPrior(nn.Module):
         u = u.float()
         l_0 = self.reconstruction_loss(u)
         if quadrature:
-            l_inf = self.quadrature_loss(u)
+            l_inf = self.quadrature_loss(u, noise)
         else:
-            t = torch.rand(u.shape[0], device=u.device)
-            l_inf = self.diffusion_loss(u, t, torch.randn_like(u))
+            t = rand_like(u[:, 0, 0, 0], noise)
+            l_inf = self.diffusion_loss(u, t, randn_like(u, noise))
         return l_0 + l_inf + self.prior_loss(u)
 
-    def log_prob(self, u: Tensor, quadrature: bool = False) -> Tensor:
+    def log_prob(self, u: Tensor, quadrature: bool = False, noise: Noise | None = None) -> Tensor:
         """log p_hat(u) = -(L_0 + L_inf + L_T), the single-draw VDM lower bound on log p(u). Returns [B]."""
-        return -self.loss(u, quadrature)
+        return -self.loss(u, quadrature, noise)
 
     def x_hat(self, z_t: Tensor, t: Tensor) -> Tensor:
         """x_hat = clamp((z_t - sigma_t eps_hat(z_t, t)) / alpha_t, -1, 1), the clean prediction (float32)."""

@@ -1,117 +1,216 @@
-"""The training engine: one optimizer step behind a small interface (plain torch here; DeepSpeed slots in).
+"""Training engines: the only owners of the parameters, the optimizer state and the EMA.
 
-    engine = TorchEngine(model, cfg.train, image_shape)
-    stats = engine.step(x, x_target)          # one stats dict: loss, nelbo, recon, kl/<l>, kl_u, grad_norm,
-                                              # skipped, nonfinite_loss, nonfinite_grad
-    engine.set_lr(lr); engine.ema             # EMA weights for validation, test and sampling
-    engine.state_dict() / load_state_dict()   # optimizer + EMA + counters, for exact resume
+    engine = make_engine(model, cfg, image_shape, ctx)     # dvp.engines: TorchEngine or DeepSpeedEngine
+    stats = engine.step(x, step)       # x: the GLOBAL batch of optimizer step `step`; one stats dict, the same on
+                                       # every rank: loss, nelbo, recon, kl_z, kl_u, kl/<l>, grad_norm, skipped,
+                                       # skipped_total, nonfinite_loss, nonfinite_grad
+    engine.set_lr(lr)
+    model = engine.eval_view("ema")    # full float32 weights (gathered where partitioned) in a separate module
+    state = engine.full_state()        # model, ema, optimizer moments by parameter name, counters (collective)
 
-A step is applied only when the loss and the gradient norm are finite and, with `grad_skip > 0`, the norm is
-below the threshold (VDVAE-style skipping); otherwise it is counted as skipped and nothing changes (weights,
-optimizer moments, EMA). EMA after every applied step: theta_ema <- d theta_ema + (1 - d) theta with
-d = min(train.ema, (1 + n) / (10 + n)) after n applied steps when `train.ema_warmup` (the default), or the paper's
-constant d = train.ema (0.999) with `train.ema_warmup=false`.
-Mixed precision: bf16 autocast on the forward pass, except the convolutions that read a residual stream or output
-mu, log-var or logits (`blocks.Float32Conv2d`); the ELBO terms are float32 (model.py), parameters and
-optimizer state stay float32.
+The loop, evaluation and checkpoints use only this interface.
+
+World-size invariance: the global batch of B = train.batch_size images is split into contiguous rank slices
+(`noise.shard`) and each slice into micro-batches of `dist.micro_batch` images; every random draw of a
+micro-batch comes from `noise.Noise` seeded by (train.seed, step) and sliced at the micro-batch's global rows, so
+the gradient sum_i d(loss_i)/d(theta) / B, and the model, do not depend on the world size or the micro-batching
+up to float reduction order. A step is applied only when the global gradient norm is finite and below
+`train.grad_skip` (when > 0): `optim.AdamaxEMA` decides from the all-reduced norm, so every rank agrees, and the
+skip is counted once. EMA decay: d = min(train.ema, (1 + n) / (10 + n)) at the n-th applied step with
+`train.ema_warmup` (TensorFlow's num_updates: short runs do not validate near-initial weights), else the paper's
+constant train.ema.
+Mixed precision (train.precision=bf16|fp16): autocast on the forward pass, except the convolutions that read a
+residual stream or output mu, log-var or logits (`blocks.Float32Conv2d`); the ELBO terms are float32
+(model.py); parameters, gradients, optimizer state and EMA stay float32; fp16 adds dynamic loss scaling.
 """
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dvp.data import model_inputs
+from dvp.launch import DistContext
+from dvp.noise import Noise, noise_seed, shard
 from dvp.objectives import elbo_stats
+from dvp.optim import AdamaxEMA
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(precision: str, device: torch.device) -> Any:
-    """The forward-pass precision context: bf16 autocast or nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The forward-pass precision context: bf16 / fp16 autocast, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=DTYPES.get(precision, torch.float32), enabled=precision in DTYPES)
 
 
-class TorchEngine:
-    """Single-process engine: Adamax with coupled weight decay, clipping, skipping, EMA, bf16 autocast."""
+def micro_batch(cfg: DictConfig, world_size: int) -> int:
+    """Images per rank per forward pass: dist.micro_batch, or the rank's whole share train.batch_size / world."""
+    return cfg.dist.micro_batch or cfg.train.batch_size // world_size
 
-    def __init__(self, model: nn.Module, train_cfg: DictConfig, image_shape: tuple[int, int, int]) -> None:
-        self.cfg, self.image_shape = train_cfg, image_shape
-        self.device = next(model.parameters()).device
-        self.memory_format = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
-        self.model = model.to(memory_format=self.memory_format)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema_params = [q for p, q in zip(self.model.parameters(), self.ema.parameters()) if p.requires_grad]
-        self.optimizer = torch.optim.Adamax(self.params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                            eps=1e-8)
-        self.forward = torch.compile(self.model) if train_cfg.compile else self.model
-        self.skipped_total = 0
-        self.consecutive_skips = 0
-        self.applied_steps = 0
 
-    def autocast(self) -> Any:
-        return autocast(self.cfg.precision, self.device)
+class Engine:
+    """What both engines share: micro-batches with global noise, the stats reduction, counters, the view."""
+
+    def __init__(self, model: nn.Module, cfg: DictConfig, image_shape: tuple[int, int, int],
+                 ctx: DistContext) -> None:
+        self.cfg, self.image_shape, self.ctx, self.device = cfg, image_shape, ctx, ctx.device
+        self.micro = micro_batch(cfg, ctx.world_size)
+        self.accumulation = cfg.train.batch_size // (ctx.world_size * self.micro)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.view = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.skipped_total = self.consecutive_skips = self.applied_steps = 0
+        self.optimizer: AdamaxEMA
+
+    # ---- one optimizer step -----------------------------------------------------------------------------------
+    def micro_batches(self, x: Tensor, step: int) -> Iterator[tuple[Tensor, Tensor, Noise]]:
+        """(encoder input, target, noise) of this rank's micro-batches of global batch `x` at `step`."""
+        rows = len(x)
+        lo_rank, _ = shard(rows, self.ctx.rank, self.ctx.world_size)
+        seed = noise_seed(self.cfg.train.seed, "train", step)
+        for m in range(self.accumulation):
+            lo = lo_rank + m * self.micro
+            noise = Noise(seed, rows, lo, lo + self.micro)
+            x_mb = x[lo:lo + self.micro].to(self.device, memory_format=self.memory_format)
+            x_enc, x_target = model_inputs(x_mb, self.cfg.data.binarize, self.cfg.data.encoder_sees, noise)
+            yield x_enc, x_target, noise
+
+    def _before_step(self) -> None:
+        n = self.applied_steps + 1
+        t = self.cfg.train
+        self.optimizer.decay = min(t.ema, (1 + n) / (10 + n)) if t.ema_warmup else t.ema
+        self.optimizer.applied, self.optimizer.grad_norm = False, math.nan
+
+    def _after_step(self, sums: dict[str, Tensor], rows: int) -> dict[str, float]:
+        """Global means of the micro-batch sums in one all-reduce; counters from the optimizer's decision."""
+        keys = sorted(sums)
+        total = self.ctx.all_reduce_sum(torch.stack([sums[k].detach().float() for k in keys]).to(self.device))
+        out = {k: float(v) / rows for k, v in zip(keys, total.cpu())}
+        applied = self.optimizer.applied
+        out["grad_norm"] = self.optimizer.grad_norm
+        out["nonfinite_loss"] = float(not math.isfinite(out["loss"]))
+        out["nonfinite_grad"] = float(not math.isfinite(out["grad_norm"]))
+        if applied:
+            self.applied_steps += 1
+            self.consecutive_skips = 0
+        else:
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+        out["skipped"] = float(not applied)
+        out["skipped_total"] = float(self.skipped_total)
+        return out
+
+    @staticmethod
+    def _accumulate(sums: dict[str, Tensor], stats: dict[str, Tensor], n: int) -> None:
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() * n
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return {"skipped_total": self.skipped_total, "consecutive_skips": self.consecutive_skips,
+                "applied_steps": self.applied_steps}
+
+    def load_counters(self, counters: dict[str, int]) -> None:
+        self.skipped_total = int(counters["skipped_total"])
+        self.consecutive_skips = int(counters["consecutive_skips"])
+        self.applied_steps = int(counters["applied_steps"])
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self, x: Tensor, x_target: Tensor) -> dict[str, float]:
-        """One optimizer step on a batch; returns the stats dict (floats)."""
+    def full_weights(self, which: str) -> dict[str, Tensor]:
+        """Full float32 parameters ('raw') or their EMA ('ema') by name, on every rank (collective)."""
+        raise NotImplementedError
+
+    def full_optimizer(self) -> dict[str, dict[str, Tensor]]:
+        """Full Adamax moments and EMA by parameter name, plus the step count (collective)."""
+        raise NotImplementedError
+
+    def buffers(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def eval_view(self, which: str = "ema") -> nn.Module:
+        """A module with the full EMA ('ema') or raw ('raw') float32 weights, for validation, test and sampling
+        (collective: every rank calls it). It is a separate copy: evaluating it never touches training state."""
+        weights = {**self.full_weights(which), **self.buffers()}
+        self.view.load_state_dict(weights)
+        return self.view.eval()
+
+    def full_state(self) -> dict[str, Any]:
+        """Everything a resume needs, unpartitioned and engine-independent (collective): model, ema, optimizer,
+        counters. Loadable by either engine at any world size."""
+        buffers = self.buffers()
+        return {"model": {**self.full_weights("raw"), **buffers}, "ema": {**self.full_weights("ema"), **buffers},
+                "optimizer": self.full_optimizer(), "counters": self.counters()}
+
+
+class TorchEngine(Engine):
+    """The single-process reference engine: plain torch, the same optimizer, clip, skip and EMA as DeepSpeed's."""
+
+    def __init__(self, model: nn.Module, cfg: DictConfig, image_shape: tuple[int, int, int], ctx: DistContext,
+                 state: dict[str, Any] | None = None) -> None:
+        if ctx.world_size > 1:
+            raise ValueError("TorchEngine runs in one process; use dist.engine=deepspeed for more")
+        super().__init__(model, cfg, image_shape, ctx)
+        t = cfg.train
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+        self.params = dict((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        self.optimizer = AdamaxEMA(self.params.values(), lr=t.lr, weight_decay=t.weight_decay, clip=t.grad_clip,
+                                   skip=t.grad_skip)
+        self.optimizer.init_state()
+        if state is not None:
+            self._load_optimizer(state)
+        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        self.forward = torch.compile(self.model) if t.compile else self.model
+
+    def step(self, x: Tensor, step: int) -> dict[str, float]:
+        """One optimizer step on the global batch `x` (all of it: world size 1), in micro-batches."""
         self.model.train()
-        x = x.to(self.device, memory_format=self.memory_format)
-        x_target = x_target.to(self.device, memory_format=self.memory_format)
-        with self.autocast():
-            terms = self.forward(x, x_target)
-        stats = elbo_stats(terms, self.image_shape)
         self.optimizer.zero_grad(set_to_none=True)
-        stats["loss"].backward()
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        out = {k: float(v.detach()) for k, v in stats.items()}
-        out["grad_norm"] = float(grad_norm)
-        out["nonfinite_loss"] = float(not math.isfinite(out["loss"]))
-        out["nonfinite_grad"] = float(not math.isfinite(out["grad_norm"]))
-        skip = (out["nonfinite_loss"] or out["nonfinite_grad"]
-                or (self.cfg.grad_skip > 0 and out["grad_norm"] >= self.cfg.grad_skip))
-        if skip:
-            self.skipped_total += 1
-            self.consecutive_skips += 1
+        self._before_step()
+        sums: dict[str, Tensor] = {}
+        for x_enc, x_target, noise in self.micro_batches(x, step):
+            with autocast(self.cfg.train.precision, self.device):
+                terms = self.forward(x_enc, x_target, noise=noise)
+            stats = elbo_stats(terms, self.image_shape)
+            loss = stats["loss"] / self.accumulation
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self._accumulate(sums, stats, len(x_enc))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
             self.optimizer.step()
-            self._update_ema()
-            self.consecutive_skips = 0
-        out["skipped"] = float(skip)
-        out["skipped_total"] = float(self.skipped_total)
-        return out
+        return self._after_step(sums, len(x))
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        """theta_ema <- d theta_ema + (1 - d) theta; d = min(ema, (1 + n) / (10 + n)) after n applied steps with
-        `ema_warmup`, else d = ema.
+    def full_weights(self, which: str) -> dict[str, Tensor]:
+        get = self.optimizer.state if which == "ema" else None
+        return {n: (get[p]["ema"] if get is not None else p.detach()).clone() for n, p in self.params.items()}
 
-        The warm-up of d (TensorFlow's num_updates) departs from the paper's constant 0.999: it keeps short runs
-        from validating near-initial weights (with d = 0.999 the EMA still holds 37% of the initialisation after
-        1,000 steps); after a few thousand steps d = ema either way.
-        """
-        self.applied_steps += 1
-        decay = self.cfg.ema
-        if self.cfg.ema_warmup:
-            decay = min(decay, (1 + self.applied_steps) / (10 + self.applied_steps))
-        torch._foreach_lerp_(self.ema_params, self.params, 1.0 - decay)
+    def buffers(self) -> dict[str, Tensor]:
+        """The persistent buffers (state_dict entries that are not trained parameters), never partitioned."""
+        return {n: b.clone() for n, b in self.model.state_dict().items() if n not in self.params}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "counters": {"skipped_total": self.skipped_total, "consecutive_skips": self.consecutive_skips,
-                             "applied_steps": self.applied_steps}}
+    def full_optimizer(self) -> dict[str, Any]:
+        state = self.optimizer.state
+        first = next(iter(self.params.values()))
+        return {"step": float(state[first]["step"]),
+                "tensors": {n: {k: state[p][k].clone() for k in ("exp_avg", "exp_inf")}
+                            for n, p in self.params.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.skipped_total = state["counters"]["skipped_total"]
-        self.consecutive_skips = state["counters"]["consecutive_skips"]
-        self.applied_steps = state["counters"]["applied_steps"]
+    def _load_optimizer(self, state: dict[str, Any]) -> None:
+        for name, p in self.params.items():
+            s = self.optimizer.state[p]
+            s["step"].fill_(state["optimizer"]["step"])
+            for key in ("exp_avg", "exp_inf"):
+                s[key].copy_(state["optimizer"]["tensors"][name][key])
+            s["ema"].copy_(state["ema"][name])
+        self.load_counters(state["counters"])

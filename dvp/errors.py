@@ -1,5 +1,6 @@
 """The user-facing error types, a leaf module (it imports nothing of dvp). The command-line entry points report
-every one of them as one line on stderr and exit 2 (`Interrupted`: 128 + the signal number)."""
+every one of them as one line on stderr and exit 2 (`Interrupted`: 128 + the signal number, or 0 after a saved
+preemption)."""
 from __future__ import annotations
 
 
@@ -21,11 +22,13 @@ class TrainingStopped(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """SIGTERM or Ctrl-C ended the command; the message says what was saved and how to continue."""
+    """A signal (SIGTERM, SIGUSR1, Ctrl-C) ended the command; the message says what was saved and how to
+    continue. `saved`: the run was checkpointed first (a preemption: SIGTERM/SIGUSR1 then exit 0)."""
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(self, message: str, signum: int, saved: bool = False) -> None:
         super().__init__(message)
         self.signum = signum
+        self.saved = saved
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrainingStopped)

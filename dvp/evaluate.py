@@ -22,36 +22,52 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from dvp.cli import run_cli, single_process_context
+from dvp.cli import launch_context, run_cli
 from dvp.data import model_inputs
 from dvp.engine import autocast
+from dvp.launch import DistContext
 from dvp.logger import replace_atomically
 from dvp.model import HierarchicalVAE
+from dvp.noise import Noise, noise_seed, shard
 from dvp.paths import check_output_file
-from dvp.objectives import active_units, bits_per_dim, elbo_stats, importance_sampled_nll
+from dvp.objectives import active_units, bits_per_dim, elbo_stats, importance_sampled_nll, moments
 
 
 @torch.no_grad()
-def evaluate_elbo(model: HierarchicalVAE, x_all: torch.Tensor, cfg: DictConfig,
-                  quadrature: bool = False) -> dict[str, float]:
-    """Mean -ELBO terms over a split (batches of train.eval_batch_size) and active units averaged over batches
-    (spec §1.8), with `eval.precision` autocast whatever the training precision. Uses the caller's RNG for
-    binarisation and sampling."""
+def evaluate_elbo(model: HierarchicalVAE, x_all: torch.Tensor, cfg: DictConfig, ctx: DistContext | None = None,
+                  seed: int = 0, stream: str = "val", quadrature: bool = False) -> dict[str, float]:
+    """Mean -ELBO terms over a split (global batches of train.eval_batch_size) and active units averaged over
+    batches (spec §1.8), with `eval.precision` autocast whatever the training precision.
+
+    Sharded: each rank of `ctx` evaluates its rows of every batch; the draws of a batch come from
+    `Noise(noise_seed(seed, stream, batch))` at the global rows, the sums over the split and the active-unit
+    moments of each batch are all-reduced; so every rank gets the single-process numbers (up to float summation
+    order)."""
     model.eval()
     device = next(model.parameters()).device
-    sums: dict[str, float] = {}
-    n = 0
-    for i in range(0, len(x_all), cfg.train.eval_batch_size):
-        x = x_all[i:i + cfg.train.eval_batch_size].to(device)
-        x_enc, x_target = model_inputs(x, cfg.data.binarize, cfg.data.encoder_sees)
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    sums: dict[str, torch.Tensor] = {}
+    size = cfg.train.eval_batch_size
+    for index, start in enumerate(range(0, len(x_all), size)):
+        x = x_all[start:start + size]
+        lo, hi = shard(len(x), rank, world)
+        empty = lo == hi                      # fewer rows than ranks: run one row, count it zero times
+        lo, hi = (0, 1) if empty else (lo, hi)
+        noise = Noise(noise_seed(seed, stream, index), len(x), lo, hi)
+        x_enc, x_target = model_inputs(x[lo:hi].to(device), cfg.data.binarize, cfg.data.encoder_sees, noise)
         with autocast(cfg.eval.precision, device):
-            terms = model(x_enc, x_target, quadrature=quadrature)
-        stats = {k: float(v) for k, v in elbo_stats(terms, model.image_shape).items()}
-        stats.update(active_units(terms.mu_q))
+            terms = model(x_enc, x_target, quadrature=quadrature, noise=noise)
+        weight = 0.0 if empty else float(hi - lo)
+        summed = moments(terms.mu_q) * (0.0 if empty else 1.0)
+        summed = ctx.all_reduce_sum(summed) if ctx is not None else summed
+        stats = {k: float(v) * weight for k, v in elbo_stats(terms, model.image_shape).items()}
+        stats.update({k: v * len(x) / world for k, v in active_units(terms.mu_q, summed=summed).items()})
         for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v * len(x)
-        n += len(x)
-    return {k: v / n for k, v in sums.items()}
+            sums[k] = sums.get(k, 0.0) + v
+    keys = sorted(sums)
+    total = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    total = ctx.all_reduce_sum(total) if ctx is not None else total
+    return {k: float(v) / len(x_all) for k, v in zip(keys, total.cpu())}
 
 
 class ImageProgress:
@@ -59,12 +75,12 @@ class ImageProgress:
     otherwise a plain line at most every `period` seconds (0: every update) and one at the end, e.g.
     `IS-NLL 2,000/10,000 images, 20%, nll 95.31, elapsed 0:06:12, eta 0:24:48`."""
 
-    def __init__(self, total: int, desc: str, period: float = 30.0) -> None:
-        self.total, self.desc, self.period = total, desc, period
+    def __init__(self, total: int, desc: str, period: float = 30.0, show: bool = True) -> None:
+        self.total, self.desc, self.period, self.show = total, desc, period, show
         self.done = 0
         self.start = self.last = time.monotonic()
         self.bar = (tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
-                    if sys.stderr.isatty() else None)
+                    if show and sys.stderr.isatty() else None)
 
     def __enter__(self) -> ImageProgress:
         return self
@@ -81,7 +97,7 @@ class ImageProgress:
             self.bar.update(n)
             return
         now = time.monotonic()
-        if now - self.last >= self.period or self.done >= self.total:
+        if self.show and (now - self.last >= self.period or self.done >= self.total):
             self.last = now
             print(progress_line(self.desc, self.done, self.total, now - self.start, postfix), file=sys.stderr,
                   flush=True)
@@ -110,42 +126,58 @@ def is_nll_cost(images: int, k: int, elbo_seconds: float) -> str:
             f"about {_duration(k * elbo_seconds)} at the rate of the ELBO pass ({elbo_seconds:.2f} s)")
 
 
-def _is_nll_sum(model: HierarchicalVAE, x_test: torch.Tensor, cfg: DictConfig,
-                progress_period: float) -> float:
+def _is_nll_sum(model: HierarchicalVAE, x_test: torch.Tensor, cfg: DictConfig, ctx: DistContext | None,
+                seed: int, progress_period: float) -> float:
     """Sum over the images of the K-sample IS-NLL (`eval.*`), one binarisation per batch shared by its K
-    samples, with progress on stderr."""
+    samples, each rank taking its rows of every batch (draws by global row, see dvp.noise); the sum is
+    all-reduced. Progress on stderr from rank 0."""
     e = cfg.eval
     device = next(model.parameters()).device
-    nll_sum = 0.0
-    with ImageProgress(len(x_test), "IS-NLL", progress_period) as progress:
-        for i in range(0, len(x_test), e.batch_size):
-            x = x_test[i:i + e.batch_size].to(device)
-            x_enc, x_target = model_inputs(x, cfg.data.binarize, cfg.data.encoder_sees)
-            with autocast(e.precision, device):
-                nll = importance_sampled_nll(model, x_enc, x_target, e.is_samples, e.is_chunk, e.is_weight)
-            nll_sum += float(nll.sum())
-            progress.update(len(x), f"nll {nll_sum / (i + len(x)):.2f}")
-    return nll_sum
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    with ImageProgress(len(x_test), "IS-NLL", progress_period, show=rank == 0) as progress:
+        for index, start in enumerate(range(0, len(x_test), e.batch_size)):
+            x = x_test[start:start + e.batch_size]
+            lo, hi = shard(len(x), rank, world)
+            if hi > lo:
+                binarize = Noise(noise_seed(seed, "is_binarize", index), len(x), lo, hi)
+                x_enc, x_target = model_inputs(x[lo:hi].to(device), cfg.data.binarize, cfg.data.encoder_sees,
+                                               binarize)
+
+                def noise(first: int, n: int, index: int = index, rows: int = len(x), lo: int = lo,
+                          hi: int = hi) -> Noise:
+                    return Noise(noise_seed(seed, "is", index, first), rows, lo, hi, reps=n)
+
+                with autocast(e.precision, device):
+                    nll = importance_sampled_nll(model, x_enc, x_target, e.is_samples, e.is_chunk, e.is_weight,
+                                                 noise)
+                nll_sum += nll.double().sum()
+            progress.update(len(x), f"nll {float(nll_sum) * world / (start + len(x)):.2f}")
+    return float(ctx.all_reduce_sum(nll_sum) if ctx is not None else nll_sum)
 
 
 @torch.no_grad()
 def evaluate_test(model: HierarchicalVAE, x_test: torch.Tensor, cfg: DictConfig, checkpoint: Path,
                   log: Any = None, step: int = 0, seed: int = 0, out: Path | None = None,
-                  progress_period: float = 30.0) -> dict[str, float]:
-    """Test-set ELBO, IS-NLL, bpd, active units, per-layer KL and sampling time, in `eval.precision`; JSON
-    written atomically to `out`, by default next to `checkpoint` (`best.eval.json`, or `best.raw.eval.json`
-    for eval.weights=raw). Before the IS-NLL, its cost is printed to stderr; its progress follows there, a line
+                  progress_period: float = 30.0, ctx: DistContext | None = None) -> dict[str, float]:
+    """Test-set ELBO, IS-NLL, bpd, active units, per-layer KL and sampling time, in `eval.precision`, sharded
+    over the ranks of `ctx` (the same numbers as one process up to float summation order); rank 0 writes the
+    JSON atomically to `out`, by default next to `checkpoint` (`best.eval.json`, or `best.raw.eval.json` for
+    eval.weights=raw). Before the IS-NLL, its cost is printed to stderr; its progress follows there, a line
     at most every `progress_period` seconds when stderr is not a terminal."""
     e = cfg.eval
+    main = ctx is None or ctx.is_main
     x_test = x_test[:e.max_images] if e.max_images else x_test
     model.eval()
+    start = time.perf_counter()
+    results = {f"elbo_{k}": v
+               for k, v in evaluate_elbo(model, x_test, cfg, ctx, seed, "test", quadrature=True).items()}
+    elbo_seconds = time.perf_counter() - start
+    if main:
+        print(is_nll_cost(len(x_test), e.is_samples, elbo_seconds), file=sys.stderr, flush=True)
+    nll_mean = _is_nll_sum(model, x_test, cfg, ctx, seed, progress_period) / len(x_test)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        start = time.perf_counter()
-        results = {f"elbo_{k}": v for k, v in evaluate_elbo(model, x_test, cfg, quadrature=True).items()}
-        elbo_seconds = time.perf_counter() - start
-        print(is_nll_cost(len(x_test), e.is_samples, elbo_seconds), file=sys.stderr, flush=True)
-        nll_mean = _is_nll_sum(model, x_test, cfg, progress_period) / len(x_test)
         start = time.perf_counter()
         model.sample(100, temperature=1.0)
         sample_s = (time.perf_counter() - start) / 100
@@ -153,6 +185,8 @@ def evaluate_test(model: HierarchicalVAE, x_test: torch.Tensor, cfg: DictConfig,
                     "is_samples": e.is_samples, "is_weight": e.is_weight, "weights": e.weights,
                     "images": len(x_test),
                     "sample_seconds_per_image": sample_s, "checkpoint": str(checkpoint)})
+    if not main:
+        return results
     out = out or results_path(checkpoint, e.weights)
     replace_atomically(out, lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     print_table(results)
@@ -186,14 +220,19 @@ def results_path(checkpoint: Path, weights: str) -> Path:
 
 def evaluate_cli(argv: list[str]) -> int:
     from dvp.runs import load_run, parse_args
-    args, overrides = parse_args(argv, allowed_prefixes=("eval.", "data.root", "data.download"), extra=("out",))
-    if "out" in args:
-        check_output_file(Path(args["out"]), "out")
-    run = load_run(args, overrides, single_process_context().device)
-    out = Path(args["out"]) if "out" in args else results_path(run.checkpoint, run.cfg.eval.weights)
-    check_output_file(out, "out")
-    data = run.data()
-    evaluate_test(run.model, data.test, run.cfg, run.checkpoint, out=out)
+    args, overrides = parse_args(argv, allowed_prefixes=("eval.", "train.eval_batch_size", "data.root", "data.download"),
+                                 extra=("out",))
+    ctx = launch_context()
+    try:
+        if "out" in args:
+            ctx.on_main(lambda: check_output_file(Path(args["out"]), "out"))
+        run = load_run(args, overrides, ctx.device)
+        out = Path(args["out"]) if "out" in args else results_path(run.checkpoint, run.cfg.eval.weights)
+        ctx.on_main(lambda: check_output_file(out, "out"))
+        data = run.data()
+        evaluate_test(run.model, data.test, run.cfg, run.checkpoint, out=out, ctx=ctx)
+    finally:
+        ctx.close()
     return 0
 
 

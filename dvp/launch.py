@@ -50,16 +50,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from dvp.errors import ConfigError
+from dvp.errors import USER_ERRORS, ConfigError
 
+T = TypeVar("T")
 LAUNCHERS = ("single", "torchrun", "deepspeed", "slurm", "openmpi", "mpich", "ray")
 DEFAULT_PORT = 29500
 LOCALHOST = "127.0.0.1"
@@ -333,6 +334,31 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """`fn()` run on rank 0 only (a check or a choice that touches the file system), its result or its
+        user error given to every rank: so a bad input stops all ranks with the same line, never a hang."""
+        if self.world_size == 1:
+            return fn()
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except USER_ERRORS as e:
+                outcome = (type(e).__name__, str(e))
+        kind, value = self.broadcast_object(outcome)
+        if kind != "ok":
+            raise next(c for c in USER_ERRORS if c.__name__ == kind)(value)
+        return value
+
+    def agree_max(self, *values: float) -> list[float]:
+        """Each value's maximum over the ranks, in one all-reduce: how ranks agree on a stop (a flag set on any
+        rank, the number of the signal one rank received)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def close(self) -> None:
         """Destroy the process group if `init` created it (one that Ray Train made is left to Ray)."""
         if self._owns_group and dist.is_initialized():
@@ -355,6 +381,15 @@ class _NoCpuFallbackNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def accelerator_rng_state() -> torch.Tensor:
+    """This process's accelerator RNG state (the CPU's on a machine without one)."""
+    return _accelerator().get_rng_state()
+
+
+def set_accelerator_rng_state(state: torch.Tensor) -> None:
+    _accelerator().set_rng_state(state)
 
 
 def _device(local_rank: int) -> torch.device:
@@ -389,6 +424,17 @@ def init(env: LaunchEnv, backend: str | None = None, timeout_s: float = 120) -> 
     except dist.DistError as exc:
         raise ConfigError(_rendezvous_message(env, timeout_s, str(exc))) from None
     return DistContext(env.rank, env.local_rank, env.world_size, device, backend, _owns_group=True)
+
+
+def deepspeed_environment(ctx: DistContext) -> None:
+    """DeepSpeed reads RANK, LOCAL_RANK and WORLD_SIZE from the environment even in one process (at init and
+    during steps): in one process they are exported as 0, local rank, 1 (a consistent single launch), with a
+    private one-process group (no network); `init` exported them already for a multi-process job."""
+    if ctx.world_size > 1:
+        return
+    if not dist.is_initialized():
+        dist.init_process_group(ctx.backend, store=dist.HashStore(), rank=0, world_size=1)
+    os.environ.update(RANK="0", LOCAL_RANK=str(ctx.local_rank), WORLD_SIZE="1")
 
 
 def _check_existing_group(env: LaunchEnv) -> None:

@@ -18,7 +18,9 @@ tests/test_resume.py.
 from __future__ import annotations
 
 import math
+import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 from dvp.checkpoint import check_weights_match, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from dvp.config import from_dict, parse_overrides, split_overrides, to_dict, validate
 from dvp.data import BatchIterator, DataSplits, load_data_config, model_inputs
-from dvp.engine import TorchEngine
+from dvp.engine import Engine
+from dvp.engines import engine_kind, make_engine
 from dvp.errors import CheckpointError, ConfigError, Interrupted, TrainingStopped
 from dvp.evaluate import evaluate_elbo, evaluate_test
-from dvp.launch import detect, init
+from dvp.launch import DistContext, accelerator_rng_state, detect, init, set_accelerator_rng_state
 from dvp.logger import RunLogger, replace_atomically
 from dvp.model import HierarchicalVAE, build_model, parameter_counts
 from dvp.paths import check_output_dir
@@ -56,11 +59,11 @@ def lr_at(epoch: int, t: DictConfig) -> float:
     return t.lr_min + (t.lr - t.lr_min) * (1 + math.cos(math.pi * min(epoch, t.lr_epochs) / t.lr_epochs)) / 2
 
 
-def prepare(cfg: DictConfig) -> tuple[DataSplits, HierarchicalVAE]:
-    """Load the data (errors before any compute), check the config against its shape, build the model and fit the
-    DCT normalisation on the training split only."""
+def prepare(cfg: DictConfig, world_size: int = 1) -> tuple[DataSplits, HierarchicalVAE]:
+    """Load the data (errors before any compute), check the config against its shape and the world size, build
+    the model and fit the DCT normalisation on the training split only."""
     data = load_data_config(cfg.data)
-    validate(cfg, data.shape, n_train=len(data.train))
+    validate(cfg, data.shape, n_train=len(data.train), world_size=world_size)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, data.shape)
     if cfg.model.name == "dvp_vae":
@@ -86,14 +89,14 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
     return from_dict(OmegaConf.to_container(merged))
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None, device: torch.device | None = None) -> Path:
-    """Train (or resume) the run described by `cfg` on `device` (default: the launch context's, see
+def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext | None = None) -> Path:
+    """Train (or resume) the run described by `cfg` on the processes of `ctx` (default: this process alone, see
     `dvp.launch`); returns the run directory.
 
-    Every check (config, run dir, checkpoint, data) happens before anything is written; SIGTERM/Ctrl-C save
-    `last.pt` and raise `Interrupted`."""
-    run_dir = resolve_run_dir(cfg)
-    check_output_dir(run_dir, "run_dir")
+    Every check (config, run dir, checkpoint, data) happens before anything is written; rank 0 resolves and
+    checks the run dir and does all the writing. SIGTERM/SIGUSR1 save `last.pt` and raise `Interrupted`."""
+    ctx = ctx or init(detect({}))
+    run_dir = ctx.on_main(lambda: _checked_run_dir(cfg))
     last = run_dir / "checkpoints" / "last.pt"
     if cfg.train.resume and not last.exists():
         raise ConfigError(f"train.resume=true but {last} does not exist")
@@ -102,32 +105,34 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, device: torch.dev
         cfg = resume_config(cfg, saved["config"], overrides or [])
     cfg.run_dir = str(run_dir)
     t = cfg.train
-    data, model = prepare(cfg)
-    engine = TorchEngine(model.to(device or init(detect({})).device), t, data.shape)
-    batches = BatchIterator(data.train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True,
-                            flip=cfg.data.flip)
-    state = _restore(saved, last, model, engine, batches) if saved is not None else LoopState()
+    data, model = prepare(cfg, ctx.world_size)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     torch.set_flush_denormal(True)    # CPU: subnormal floats (seen early in training) make steps up to 8x slower
+    engine, batches, state = _build(cfg, data, model, ctx, saved, last)
     # nothing is written before this line: every bad input has failed above
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(last.parent)
-    replace_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg)))
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(last.parent)
+        replace_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg)))
     steps_per_epoch = len(batches)
     total = min(t.max_epochs * steps_per_epoch, t.max_steps or math.inf)
-    log = RunLogger(run_dir, to_dict(cfg), total_steps=int(total), wandb_mode=cfg.wandb.mode,
+    log = RunLogger(run_dir, to_dict(cfg), total_steps=int(total), enabled=ctx.is_main, wandb_mode=cfg.wandb.mode,
                     project=cfg.wandb.project, entity=cfg.wandb.entity, log_checkpoints=cfg.wandb.log_checkpoints,
                     start_step=state.step, keep_records=state.records)
     counts = parameter_counts(model)
     log.log_summary({f"params/{k}": v for k, v in counts.items()})
-    print(f"run_dir={run_dir}  params={counts['total']:,}  steps/epoch={steps_per_epoch}  "
-          f"{'resumed at step ' + str(state.step) if saved is not None else 'new run'}", flush=True)
-    run = _Run(cfg, data, engine, batches, state, log, run_dir)
+    if ctx.is_main:
+        print(f"run_dir={run_dir}  params={counts['total']:,}  steps/epoch={steps_per_epoch}  "
+              f"{type(engine).__name__} x {ctx.world_size} (micro-batch {engine.micro}, accumulation "
+              f"{engine.accumulation})  {'resumed at step ' + str(state.step) if saved is not None else 'new run'}",
+              flush=True)
+    run = _Run(cfg, data, engine, batches, state, log, run_dir, ctx)
     try:
         with run.signals:
             reason = run.fit()
-            print(f"stopped at step {state.step}: {reason}", flush=True)
+            if ctx.is_main:
+                print(f"stopped at step {state.step}: {reason}", flush=True)
             if t.final_eval:
                 run.final_eval()
     finally:
@@ -135,21 +140,63 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, device: torch.dev
     return run_dir
 
 
-def _restore(saved: dict[str, Any], path: Path, model: HierarchicalVAE, engine: TorchEngine,
-             batches: BatchIterator) -> LoopState:
-    """Load a checkpoint's engine, batch position and RNG; returns its loop state. A checkpoint that does not fit
-    this run is a CheckpointError (before anything is written)."""
+def _checked_run_dir(cfg: DictConfig) -> Path:
+    run_dir = resolve_run_dir(cfg)
+    check_output_dir(run_dir, "run_dir")
+    return run_dir
+
+
+def _build(cfg: DictConfig, data: DataSplits, model: HierarchicalVAE, ctx: DistContext,
+           saved: dict[str, Any] | None, path: Path) -> tuple[Engine, BatchIterator, LoopState]:
+    """The engine (resumed from `saved` when given), the batch iterator at its position and the loop state.
+
+    A resume at the world size and ZeRO stage that wrote DeepSpeed's shards loads them (`load_native`); any other
+    (another world size, stage or engine) re-partitions the consolidated state of last.pt. A checkpoint that does not fit
+    this run is a CheckpointError before anything is written."""
+    t = cfg.train
+    batches = BatchIterator(data.train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True,
+                            flip=cfg.data.flip)
+    if saved is None:
+        return make_engine(model, cfg, data.shape, ctx), batches, LoopState()
     for which in ("model", "ema"):
         check_weights_match(path, model.state_dict(), saved["engine"][which], which)
+    native = saved.get("native")
+    use_native = (native is not None and native["world_size"] == ctx.world_size
+                  and native["zero_stage"] == cfg.dist.zero_stage and engine_kind(cfg, ctx.world_size) == "deepspeed"
+                  and (path.parent / "deepspeed" / native["tag"]).is_dir())
     try:
-        engine.load_state_dict(saved["engine"])
+        engine = make_engine(model, cfg, data.shape, ctx, state=None if use_native else saved["engine"])
+        if use_native:
+            engine.load_native(path.parent / "deepspeed", native["tag"])
+            engine.load_counters(saved["engine"]["counters"])
+            _load_rng(path.parent / "deepspeed" / native["tag"], ctx)
+        elif ctx.is_main:     # rank 0's CPU RNG is the one last.pt holds (training draws do not depend on it)
+            torch.set_rng_state(saved["rng"]["torch"])
         batches.load_state_dict(saved["batches"])
         state = LoopState(**saved["loop"])
-        torch.set_rng_state(saved["rng"]["torch"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {' '.join(str(e).split())}); "
                               "start a new run_dir") from None
-    return state
+    return engine, batches, state
+
+
+def _rng_file(directory: Path, rank: int) -> Path:
+    return directory / f"rng_rank{rank}.pt"
+
+
+def _save_rng(directory: Path, ctx: DistContext) -> None:
+    """This rank's CPU and accelerator RNG next to its DeepSpeed shards."""
+    state = {"cpu": torch.get_rng_state(), "accelerator": accelerator_rng_state()}
+    replace_atomically(_rng_file(directory, ctx.rank), lambda tmp: torch.save(state, tmp))
+
+
+def _load_rng(directory: Path, ctx: DistContext) -> None:
+    """Restore this rank's RNG if it was saved at this world size."""
+    path = _rng_file(directory, ctx.rank)
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        torch.set_rng_state(state["cpu"])
+        set_accelerator_rng_state(state["accelerator"])
 
 
 class _Run:
@@ -161,27 +208,49 @@ class _Run:
     (`max_steps`, `max_minutes`) in the middle of an epoch is a pause: `last.pt` only, no validation.
     """
 
-    def __init__(self, cfg: DictConfig, data: DataSplits, engine: TorchEngine, batches: BatchIterator,
-                 state: LoopState, log: RunLogger, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, data: DataSplits, engine: Engine, batches: BatchIterator,
+                 state: LoopState, log: RunLogger, run_dir: Path, ctx: DistContext) -> None:
         self.cfg, self.data, self.engine, self.batches, self.state = cfg, data, engine, batches, state
-        self.log, self.run_dir = log, run_dir
+        self.log, self.run_dir, self.ctx = log, run_dir, ctx
         self.last, self.best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
         self.signals = StopSignals()
         t = cfg.train
         self.max_steps = t.max_steps or math.inf
         self.deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else math.inf
+        self.out_of_time = False
 
     def checkpoint(self, path: Path, state: LoopState | None = None,
                    batches: dict[str, int] | None = None) -> None:
-        """Save the run (or the given loop state and batch position) to `path`; signals wait until it is done."""
+        """Save the run (or the given loop state and batch position) to `path`, collectively; signals wait.
+
+        Every rank: the engine's full state (gathered) and, for last.pt under DeepSpeed, DeepSpeed's own shards
+        under checkpoints/deepspeed/step<N> (its `latest` file moves last) with each rank's RNG. Then rank 0
+        replaces `path` atomically: the consolidated file that dvp-eval and dvp-sample read, and the commit point
+        of a resume; older shard folders are deleted only after it."""
         state = state or replace(self.state, records=self.log.records)
+        batches = batches or self.batches.state_dict()
         with self.signals.deferred():
-            save_checkpoint(path, {"config": to_dict(self.cfg), "image_shape": list(self.data.shape),
-                                   "engine": self.engine.state_dict(), "loop": asdict(state),
-                                   "batches": batches or self.batches.state_dict(),
-                                   "rng": {"torch": torch.get_rng_state()}})
+            full = self.engine.full_state()
+            native = None
+            if path == self.last and hasattr(self.engine, "save_native"):
+                tag, directory = f"step{state.step}", self.last.parent / "deepspeed"
+                self.engine.save_native(directory, tag, {"loop": asdict(state), "batches": batches})
+                _save_rng(directory / tag, self.ctx)
+                native = {"tag": tag, "world_size": self.ctx.world_size, "zero_stage": self.cfg.dist.zero_stage}
+            self.ctx.barrier()
+            if self.ctx.is_main:
+                save_checkpoint(path, {"config": to_dict(self.cfg), "image_shape": list(self.data.shape),
+                                       "engine": full, "loop": asdict(state), "batches": batches,
+                                       "rng": {"torch": torch.get_rng_state()}, "native": native})
+                if native is not None:
+                    for old in (self.last.parent / "deepspeed").glob("step*"):
+                        if old.name != native["tag"] and old.is_dir():
+                            shutil.rmtree(old, ignore_errors=True)
+            self.ctx.barrier()
 
     def _stop_reason(self) -> str | None:
+        """Why the run stops now, or None. Every input is the same on every rank (the loop state, and the clock
+        through `_agreed_stop`), so all ranks stop together."""
         s, t = self.state, self.cfg.train
         if s.epoch >= t.max_epochs:
             return f"finished {t.max_epochs} epochs"
@@ -189,13 +258,22 @@ class _Run:
             return f"early stop: no validation improvement for {t.patience} epochs"
         if s.step >= self.max_steps:
             return f"train.max_steps={t.max_steps} reached (a pause: a larger train.max_steps goes on)"
-        if time.monotonic() > self.deadline:
+        if self.out_of_time:
             return f"train.max_minutes={t.max_minutes} reached (a pause: the same command goes on)"
         return None
 
+    def _agreed_stop(self) -> bool:
+        """Whether any rank got a signal or ran out of time, agreed in one all-reduce (sets `out_of_time` and
+        `signals.received` on every rank)."""
+        signum, late = self.ctx.agree_max(self.signals.received or 0, time.monotonic() > self.deadline)
+        if signum and self.signals.received is None:
+            self.signals.received = int(signum)           # another rank was signalled: stop with it
+        self.out_of_time = self.out_of_time or bool(late)
+        return bool(signum or late)
+
     def _interrupted(self, signum: int, where: str) -> Interrupted:
         return Interrupted(f"{signal_name(signum)} {where}; {self.last} holds step {self.state.step}: "
-                           f"resume with dvp-train run_dir={self.run_dir}", signum)
+                           f"resume with dvp-train run_dir={self.run_dir}", signum, saved=True)
 
     def fit(self) -> str:
         """Train epochs until max_epochs, patience, max_steps or max_minutes; returns why it stopped. Signals
@@ -215,13 +293,13 @@ class _Run:
             return reason
 
     def _train_steps(self) -> None:
-        """Optimizer steps until the epoch ends, a budget runs out or a signal arrives (checked between steps)."""
+        """Optimizer steps on global batches until the epoch ends, a budget runs out or a signal arrives on any
+        rank (agreed after every step)."""
         t, state, engine = self.cfg.train, self.state, self.engine
         engine.set_lr(lr_at(state.epoch, t))
         tick, seen = time.perf_counter(), 0
         for x in self.batches:
-            x_enc, x_target = model_inputs(x, self.cfg.data.binarize, self.cfg.data.encoder_sees)
-            stats = engine.step(x_enc, x_target)
+            stats = engine.step(x, state.step)
             state.step += 1
             seen += len(x)
             if engine.consecutive_skips >= t.max_skips:
@@ -235,17 +313,19 @@ class _Run:
                 tick, seen = time.perf_counter(), 0
             if t.ckpt_every and state.step % t.ckpt_every == 0:
                 self.checkpoint(self.last)
-            if self.signals.received or state.step >= self.max_steps or time.monotonic() > self.deadline:
+            if self._agreed_stop() or state.step >= self.max_steps:
                 break
 
     def _end_epoch(self) -> None:
-        """Validation, images and best.pt of the finished epoch, then last.pt. A signal in between saves the
-        state from before the epoch end (so a resumed run redoes it) and raises."""
+        """Validation, images and best.pt of the finished epoch, then last.pt. In one process a signal in
+        between saves the state from before the epoch end (so a resumed run redoes it) and raises; with more,
+        it is agreed after the epoch end (ranks must not leave a collective halfway)."""
         before = replace(self.state, records=self.log.records)
         position = {"epoch": self.state.epoch, "position": len(self.batches)}
         try:
-            with self.signals.raising():
-                _end_of_epoch(self.cfg, self.engine, self.data, self.state, self.log, self.best, self.checkpoint)
+            with self.signals.raising() if self.ctx.world_size == 1 else nullcontext():
+                _end_of_epoch(self.cfg, self.engine, self.data, self.state, self.log, self.best, self.checkpoint,
+                              self.ctx)
         except Interrupted as e:
             self.state = before
             self.checkpoint(self.last, before, position)
@@ -253,40 +333,44 @@ class _Run:
         self.state.epoch += 1
         self.batches.load_state_dict({"epoch": self.state.epoch, "position": 0})
         self.checkpoint(self.last)
-        if self.signals.received:
+        if self._agreed_stop() and self.signals.received:
             raise self._interrupted(self.signals.received, "at the end of an epoch")
 
     def final_eval(self) -> None:
-        """The test evaluation of best.pt (eval.*), or a line saying why there is none."""
+        """The test evaluation of best.pt (eval.*), sharded over the ranks, or a line saying why there is none."""
         if not self.best.exists():
             why = ("the run stopped before its first epoch ended" if self.state.epoch == 0
                    else "no validation loss was finite")
-            print(f"no final evaluation: {self.best} was not written ({why})", flush=True)
+            if self.ctx.is_main:
+                print(f"no final evaluation: {self.best} was not written ({why})", flush=True)
             return
         best = load_checkpoint(self.best)
         model = build_model(self.cfg, self.data.shape).to(self.engine.device)
         model.load_state_dict(best["engine"]["ema"])
         try:
-            evaluate_test(model, self.data.test, self.cfg, self.best, self.log, self.state.step)
+            evaluate_test(model, self.data.test, self.cfg, self.best, self.log, self.state.step, ctx=self.ctx)
         except Interrupted as e:
             raise Interrupted(f"{signal_name(e.signum)} during the final evaluation; training is saved in "
                               f"{self.last}; the same command redoes the evaluation, or run dvp-eval "
                               f"run_dir={self.run_dir}", e.signum) from None
 
 
-def _end_of_epoch(cfg: DictConfig, engine: TorchEngine, data: DataSplits, state: LoopState, log: RunLogger,
-                  best: Path, checkpoint: Any) -> None:
-    """Validate the EMA model, keep the best checkpoint, write sample and reconstruction grids."""
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.data.split_seed)
-        metrics = evaluate_elbo(engine.ema, data.val, cfg)
-        samples = engine.ema.sample(64)
-        x = data.val[:32].to(engine.device)
-        recon = engine.ema.reconstruct(model_inputs(x, cfg.data.binarize, cfg.data.encoder_sees)[0])
+def _end_of_epoch(cfg: DictConfig, engine: Engine, data: DataSplits, state: LoopState, log: RunLogger,
+                  best: Path, checkpoint: Any, ctx: DistContext) -> None:
+    """Validate the EMA weights (sharded, the same numbers on every rank), keep the best checkpoint, write sample
+    and reconstruction grids (rank 0)."""
+    view = engine.eval_view("ema")
+    metrics = evaluate_elbo(view, data.val, cfg, ctx, seed=cfg.data.split_seed, stream="val")
     metrics["skipped_total"] = float(engine.skipped_total)
     log.log_eval(state.step, state.epoch, "val", metrics)
-    log.log_images(state.step, "samples", samples, nrow=8)
-    log.log_images(state.step, "reconstructions", torch.cat([x.cpu(), recon.cpu()]), nrow=8)
+    if ctx.is_main:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.data.split_seed)
+            samples = view.sample(64)
+            x = data.val[:32].to(engine.device)
+            recon = view.reconstruct(model_inputs(x, cfg.data.binarize, cfg.data.encoder_sees)[0])
+        log.log_images(state.step, "samples", samples, nrow=8)
+        log.log_images(state.step, "reconstructions", torch.cat([x.cpu(), recon.cpu()]), nrow=8)
     if metrics["loss"] < state.best_val:
         state.best_val, state.epochs_since_best = metrics["loss"], 0
         checkpoint(best)

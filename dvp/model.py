@@ -23,7 +23,7 @@ evaluated at the sampled z and u (the correct IWAE weight, spec §4.1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from dvp.blocks import DecoderResBlock, EncoderResBlock, conv
 from dvp.config import group_resolutions
 from dvp.diffusion import DiffusionPrior
 from dvp.likelihoods import Bernoulli, LogisticMixture
+from dvp.noise import Noise, randn_like
 from dvp.pseudo_input import PseudoInput
 
 LOG_2PI = math.log(2 * math.pi)
@@ -50,9 +51,9 @@ def gaussian_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) 
     return kl.flatten(1).sum(1)
 
 
-@dataclass
-class Terms:
-    """Per-example float32 terms of one pass; shapes [B] unless noted."""
+class Terms(NamedTuple):
+    """Per-example float32 terms of one pass; shapes [B] unless noted. A NamedTuple, so that DeepSpeed's ZeRO-3
+    hooks see the tensors a forward pass returns (and gather the root module's parameters for backward)."""
     recon: Tensor          # -log p(x | z)
     kl: Tensor             # [B, L] KL of each z layer, top first
     kl_u: Tensor           # log q(u|x) - log p(u) (zeros without u)
@@ -199,8 +200,9 @@ class HierarchicalVAE(nn.Module):
         return self.head(a)
 
     def _top_down(self, batch: int, feats: list[Tensor] | None, u: Tensor | None,
-                  temperature: float = 1.0) -> tuple[Tensor, list[Tensor], list[tuple]]:
-        """Run the ladder; posterior sampling when `feats` is given, prior sampling otherwise.
+                  temperature: float = 1.0, noise: Noise | None = None) -> tuple[Tensor, list[Tensor], list[tuple]]:
+        """Run the ladder; posterior sampling when `feats` is given, prior sampling otherwise; draws from
+        `noise` (see dvp.noise) or the default RNG.
 
         Returns x-params, the z samples (top first) and per-layer (mu_p, logvar_p, mu_q, logvar_q).
         """
@@ -211,14 +213,14 @@ class HierarchicalVAE(nn.Module):
             mu_p, logvar_p, h = layer.prior_stats_and_h(s, ctx[r] if ctx is not None else None)
             if feats is not None:
                 mu_q, logvar_q = layer.posterior_stats(s, feats[g])
-                z = mu_q + torch.exp(0.5 * logvar_q) * torch.randn_like(mu_q)
+                z = mu_q + torch.exp(0.5 * logvar_q) * randn_like(mu_q, noise)
             else:
                 mu_q = logvar_q = None
                 if mu_p is None:   # VampPrior top: pick u_k uniformly, z_L ~ q(z_L | u_k)
                     mu_k, logvar_k = self._vamp_components()
                     k = torch.randint(len(mu_k), (batch,), device=mu_k.device)
                     mu_p, logvar_p = mu_k[k], logvar_k[k]
-                z = mu_p + temperature * torch.exp(0.5 * logvar_p) * torch.randn_like(mu_p)
+                z = mu_p + temperature * torch.exp(0.5 * logvar_p) * randn_like(mu_p, noise)
             zs.append(z)
             stats.append((mu_p, logvar_p, mu_q, logvar_q))
             s = layer.update(s, h, z)
@@ -228,10 +230,12 @@ class HierarchicalVAE(nn.Module):
         return self._aggregate(zs, s), zs, stats
 
     # ---- the three uses -------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, x_target: Tensor, quadrature: bool = False) -> Terms:
+    def forward(self, x: Tensor, x_target: Tensor, quadrature: bool = False, noise: Noise | None = None) -> Terms:
         """All ELBO / IWAE terms for images x (what the encoder sees) and targets x_target (what is modelled).
 
-        `quadrature` selects the T-point test-time bound of the diffusion prior instead of one random t.
+        `quadrature` selects the T-point test-time bound of the diffusion prior instead of one random t. Every
+        random draw comes from `noise` (a function of the global sample index, see dvp.noise) or, when None,
+        from the default RNG.
         """
         b = x.shape[0]
         kl_u = log_pu_minus_qu = torch.zeros(b, device=x.device)
@@ -240,12 +244,12 @@ class HierarchicalVAE(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 u_mean = self.pseudo_input(x)
                 omega = self.omega()
-                u = u_mean + torch.exp(0.5 * omega) * torch.randn_like(u_mean)
+                u = u_mean + torch.exp(0.5 * omega) * randn_like(u_mean, noise)
                 log_qu = gaussian_log_prob(u, u_mean, omega.expand_as(u))
-            log_pu = self.prior_u.log_prob(u, quadrature=quadrature)
+            log_pu = self.prior_u.log_prob(u, quadrature=quadrature, noise=noise)
             kl_u = log_qu - log_pu
             log_pu_minus_qu = -kl_u
-        params, zs, stats = self._top_down(b, self.encoder(x), u)
+        params, zs, stats = self._top_down(b, self.encoder(x), u, noise=noise)
         log_px = self.likelihood.log_prob(params, x_target)
         kls, log_ratio = [], torch.zeros(b, device=x.device)
         for z, (mu_p, logvar_p, mu_q, logvar_q) in zip(zs, stats):
@@ -285,12 +289,13 @@ def build_model(cfg: DictConfig, image_shape: tuple[int, int, int]) -> Hierarchi
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters per top-level module, as the authors count them (prior_u = diffusion prior)."""
+    """Trainable parameters per top-level module, as the authors count them (prior_u = diffusion prior); whole
+    counts also when DeepSpeed ZeRO-3 has partitioned the parameters."""
     counts: dict[str, int] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             key = name.split(".")[0]
             key = key if key in ("encoder", "prior_u") else "decoder"
-            counts[key] = counts.get(key, 0) + p.numel()
+            counts[key] = counts.get(key, 0) + getattr(p, "ds_numel", p.numel())   # ZeRO-3 keeps a partition
     counts["total"] = sum(counts.values())
     return counts

@@ -55,7 +55,7 @@ def sample_cli(argv: list[str]) -> int:
     n, temperature, seed = sample_options(args)
     if "out" in args:
         check_output_file(Path(args["out"]), "out")
-    run = load_run(args, overrides, single_process_context().device)
+    run = load_run(args, overrides, single_process_context("dvp-sample").device)
     out = Path(args.get("out", run.checkpoint.parent.parent / f"samples_t{temperature:g}.png"))
     check_output_file(out, "out")
     print(f"sampling {n} images at temperature {temperature:g} from {run.checkpoint}", file=sys.stderr, flush=True)

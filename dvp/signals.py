@@ -1,4 +1,5 @@
-"""SIGTERM and Ctrl-C (SIGINT) as a clean, prompt stop of any command.
+"""SIGTERM, SIGUSR1 (Slurm's warning before the time limit) and Ctrl-C (SIGINT) as a clean, prompt stop of any
+command.
 
     with StopSignals() as signals:          # raising by default: a signal raises `Interrupted` where the code is
         with signals.deferred():            # inside: a signal only sets `signals.received`, checked between steps
@@ -22,7 +23,7 @@ from typing import Any
 
 from dvp.errors import Interrupted
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)   # SIGUSR1: Slurm's --signal warning
 
 
 def signal_name(signum: int) -> str:

@@ -15,6 +15,7 @@ import torchvision
 from torch.utils.data import random_split
 
 from dvp.data import BatchIterator, DataError, DataSplits, dynamic_binarize, load_data
+from dvp.noise import Noise
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
@@ -456,10 +457,12 @@ def test_batch_iterator_flips_only_when_asked() -> None:
 
 def test_dynamic_binarize_is_bernoulli_of_grey_level() -> None:
     x = torch.linspace(-1, 1, 11).repeat(4000, 1)
-    draws = dynamic_binarize(x, generator=torch.Generator().manual_seed(0))
+    draws = dynamic_binarize(x, Noise(seed=0, n=len(x), lo=0, hi=len(x)))
     assert draws.shape == x.shape and draws.dtype == x.dtype
     assert set(draws.unique().tolist()) <= {0.0, 1.0}
     assert torch.allclose(draws.mean(0), (x[0] + 1) / 2, atol=0.03)
     assert draws[:, 0].sum() == 0 and draws[:, -1].sum() == 4000
-    again = dynamic_binarize(x, generator=torch.Generator().manual_seed(0))
+    again = dynamic_binarize(x, Noise(seed=0, n=len(x), lo=0, hi=len(x)))
     assert torch.equal(draws, again)
+    halves = [dynamic_binarize(x[lo:hi], Noise(seed=0, n=len(x), lo=lo, hi=hi)) for lo, hi in ((0, 1500), (1500, 4000))]
+    assert torch.equal(torch.cat(halves), draws)          # a process holding rows lo:hi draws exactly those rows

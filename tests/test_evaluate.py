@@ -43,7 +43,7 @@ def test_eval_precision_does_not_depend_on_train_precision(tiny) -> None:
     def is_nll(*overrides: str) -> float:
         torch.manual_seed(0)
         with torch.no_grad():
-            return _is_nll_sum(model, x[:4], compose(TINY + list(overrides)), progress_period=60)
+            return _is_nll_sum(model, x[:4], compose(TINY + list(overrides)), None, 0, progress_period=60)
 
     assert is_nll("train.precision=bf16") == is_nll("train.precision=fp32") != is_nll("eval.precision=bf16")
 

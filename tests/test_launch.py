@@ -301,13 +301,12 @@ def test_rendezvous_that_never_completes_fails_within_the_timeout(tmp_path: Path
     assert "only 1 of WORLD_SIZE=2 processes joined" in message
 
 
-def test_a_multi_process_launch_is_refused_in_one_line_until_data_parallel_training_exists(tmp_path) -> None:
+def test_dvp_sample_refuses_a_multi_process_launch_in_one_line(tmp_path) -> None:
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": "29999", "TORCHELASTIC_RUN_ID": "x"}
-    res = subprocess.run([sys.executable, "-m", "dvp.train", "wandb.mode=disabled"], capture_output=True, text=True,
-                         cwd=tmp_path, env=env, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "dvp.sample", f"run_dir={tmp_path}"], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().splitlines() == [
-        "error: torchrun started 2 processes, but dvp trains and evaluates in one process so far (data-parallel "
-        "training is not built yet); run the command directly"]
-    assert not (tmp_path / "runs").exists()
+        "error: torchrun started 2 processes, but dvp-sample runs in one process; run it directly (dvp-train and "
+        "dvp-eval use many)"]

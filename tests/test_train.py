@@ -15,6 +15,7 @@ from PIL import Image
 from dvp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dvp.config import compose
 from dvp.engine import TorchEngine
+from dvp.launch import detect, init
 from dvp.loop import TrainingStopped, lr_at, prepare, train
 from dvp.model import build_model
 
@@ -94,8 +95,9 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path: Path) 
     for key in ("model", "ema"):
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["optimizer"]["step"] == b["optimizer"]["step"] == 30
+    for name, sa in a["optimizer"]["tensors"].items():
+        assert all(torch.equal(sa[k], b["optimizer"]["tensors"][name][k]) for k in sa), name
     assert load_checkpoint(part / "checkpoints" / "last.pt")["loop"]["step"] == 30
 
 
@@ -156,21 +158,23 @@ def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path: Path) -> 
 def test_a_nan_step_is_skipped_counted_and_never_applied() -> None:
     cfg = compose(SMALL)
     data, model = prepare(cfg)
-    engine = TorchEngine(model, cfg.train, data.shape)
-    x = data.train[:32]
-    x_bin = torch.bernoulli((x + 1) / 2)
-    engine.step(x, x_bin)
-    before = {k: v.clone() for k, v in engine.state_dict()["model"].items()}
-    ema_before = {k: v.clone() for k, v in engine.ema.state_dict().items()}
-    moments = [s["exp_avg"].clone() for s in engine.optimizer.state.values()]
+    engine = TorchEngine(model, cfg, data.shape, init(detect({})))
+    x = data.train[:64]
+    engine.step(x, 0)
+    before, ema_before = engine.full_weights("raw"), engine.full_weights("ema")
+    moments = engine.full_optimizer()
     x_nan = x.clone()
     x_nan[0, 0, 0, 0] = math.nan
-    stats = engine.step(x_nan, x_bin)
+    stats = engine.step(x_nan, 1)
     assert stats["skipped"] == 1 and stats["skipped_total"] == 1 and stats["nonfinite_loss"] == 1
-    assert all(torch.equal(before[k], v) for k, v in engine.state_dict()["model"].items())
-    assert all(torch.equal(ema_before[k], v) for k, v in engine.ema.state_dict().items())
-    assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, engine.optimizer.state.values()))
-    stats = engine.step(x, x_bin)
+    assert stats["nonfinite_grad"] == 1
+    assert all(torch.equal(before[k], v) for k, v in engine.full_weights("raw").items())
+    assert all(torch.equal(ema_before[k], v) for k, v in engine.full_weights("ema").items())
+    after = engine.full_optimizer()
+    assert after["step"] == moments["step"] == 1
+    assert all(torch.equal(moments["tensors"][n][k], v[k]) for n, v in after["tensors"].items()
+               for k in ("exp_avg", "exp_inf"))
+    stats = engine.step(x, 2)
     assert stats["skipped"] == 0 and engine.consecutive_skips == 0 and engine.skipped_total == 1
 
 
@@ -207,12 +211,11 @@ def test_short_training_on_real_mnist_lowers_the_test_nelbo(tmp_path: Path, prec
 def test_ema_decay_is_warmed_up_or_the_papers_constant(warmup: bool) -> None:
     cfg = compose(SMALL + ["train.ema=0.999", f"train.ema_warmup={str(warmup).lower()}"])
     data, model = prepare(cfg)
-    engine = TorchEngine(model, cfg.train, data.shape)
-    before = {k: v.clone() for k, v in engine.ema.state_dict().items()}
-    x = data.train[:32]
-    engine.step(x, torch.bernoulli((x + 1) / 2))
+    engine = TorchEngine(model, cfg, data.shape, init(detect({})))
+    before = engine.full_weights("ema")
+    engine.step(data.train[:64], 0)
     decay = min(0.999, 2 / 11) if warmup else 0.999                 # n = 1 applied step
-    after, weights = engine.ema.state_dict(), engine.state_dict()["model"]
-    for name, p in model.named_parameters():
+    after, weights = engine.full_weights("ema"), engine.full_weights("raw")
+    for name, _ in model.named_parameters():
         expected = decay * before[name] + (1 - decay) * weights[name]
         assert torch.allclose(after[name], expected, atol=1e-7), name

@@ -1,0 +1,71 @@
+"""Run `dvp-train` in this process (one rank of a torchrun / mpiexec job) with an event injected on one rank at
+one optimizer step (used by tests/test_distributed.py).
+
+    python tests/dist_points.py EVENT RANK STEP [dvp-train key=value ...]
+
+EVENT, on rank RANK when optimizer step STEP (0-based) starts:
+    kill    SIGKILL this rank (kill -9: nothing runs after it)
+    nan     this rank's loss is NaN for that step (its gradient too; the other ranks' stay finite)
+    usr1    a real SIGUSR1 to this rank only (Slurm's warning signal)
+    save    SIGKILL this rank right after DeepSpeed wrote the shards of the checkpoint at step STEP (shards and
+            their `latest` on disk, last.pt not yet replaced)
+    none    nothing
+The rank is read from the launcher's variables (RANK or OMPI_COMM_WORLD_RANK), as dvp.launch does.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import dvp.engine
+import dvp.engine_deepspeed
+import dvp.train
+
+EVENT, RANK, STEP = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+MY_RANK = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+poison = False
+
+
+def _elbo_stats(original: Any) -> Any:
+    def stats(*args: Any, **kwargs: Any) -> dict:
+        out = original(*args, **kwargs)
+        if poison:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    return stats
+
+
+def _step(original: Any) -> Any:
+    def step(self: Any, x: Any, index: int) -> dict:
+        global poison
+        hit = MY_RANK == RANK and index == STEP
+        if hit and EVENT == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if hit and EVENT == "usr1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        poison = hit and EVENT == "nan"
+        try:
+            return original(self, x, index)
+        finally:
+            poison = False
+    return step
+
+
+def _save_native(original: Any) -> Any:
+    def save(self: Any, directory: Any, tag: str, client_state: dict) -> None:
+        original(self, directory, tag, client_state)
+        if EVENT == "save" and MY_RANK == RANK and tag == f"step{STEP}":
+            os.kill(os.getpid(), signal.SIGKILL)
+    return save
+
+
+dvp.engine_deepspeed.DeepSpeedEngine.save_native = _save_native(dvp.engine_deepspeed.DeepSpeedEngine.save_native)
+for module in (dvp.engine, dvp.engine_deepspeed):
+    module.elbo_stats = _elbo_stats(module.elbo_stats)
+for cls in (dvp.engine.TorchEngine, dvp.engine_deepspeed.DeepSpeedEngine):
+    cls.step = _step(cls.step)
+
+if __name__ == "__main__":
+    sys.exit(dvp.train.main(sys.argv[4:]))
