@@ -29,6 +29,11 @@ Main keys (any key of configs/defaults.yaml works as key=value):
 """
 
 
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+             "Broken pipe")
+"""What a collective raises (gloo's RuntimeError, NCCL's messages) when another rank of the job has died."""
+
+
 def one_line(error: BaseException) -> str:
     """An error's message on one line."""
     return " ".join(str(error).split())
@@ -48,10 +53,11 @@ def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str]) ->
     except Interrupted as e:
         print(f"stopped: {one_line(e)}", file=sys.stderr)
         return 0 if e.saved and e.signum != signal.SIGINT else 128 + e.signum
-    except dist.DistError as e:
-        print(f"error: another process of this job failed or was stopped ({type(e).__name__}: "
-              f"{one_line(e)[:300]}); its own message says why; rerun the same command to resume from the last "
-              "checkpoint", file=sys.stderr)
+    except (dist.DistError, RuntimeError) as e:
+        if not isinstance(e, dist.DistError) and not any(p in str(e) for p in PEER_LOST):
+            raise
+        print(f"error: another process of this job failed or was stopped ({one_line(e)[:200]}); its own output "
+              "says why; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 1
 
 

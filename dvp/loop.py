@@ -1,16 +1,21 @@
 """The training loop: epochs of engine steps, the LR schedule, validation, checkpoints, early stopping.
 
-    run_dir = train(compose(["experiment=mnist/dvp_vae", "data.root=../shared/data"]))
+    run_dir = train(compose(["experiment=mnist/dvp_vae", "data.root=../shared/data"]))          # one process
+    run_dir = train(cfg, overrides, ctx)         # every rank of a launch (ctx = dvp.launch.init(detect(environ)))
 
 Recipe (spec §3): per-epoch LR, linear warm-up lr = base (e+1)/W for e < W, then cosine
 lr(e) = lr_min + (base - lr_min) (1 + cos(pi e / lr_epochs)) / 2; validation of the EMA model every epoch
 (-ELBO in bits/dim with the one-sample diffusion term, fixed noise); `checkpoints/best.pt` when it improves,
-`checkpoints/last.pt` every epoch, every `ckpt_every` steps, at a budget stop and on Ctrl-C / SIGTERM; early stop
-after `patience` epochs without improvement.
+`checkpoints/last.pt` every epoch, every `ckpt_every` steps, at a budget stop and on Ctrl-C / SIGTERM / SIGUSR1;
+early stop after `patience` epochs without improvement.
+
+Many processes: every rank runs this loop on the same global batches (the engine takes its rows); rank 0
+resolves the run dir and does all the writing; the stop decisions are the same on every rank (the loop state is,
+and a signal or the clock is agreed in one all-reduce per step); checkpoints are collective (see `_Run.checkpoint`).
 
 Resume: the same command (or `dvp-train run_dir=DIR`) continues from last.pt with the weights, EMA, optimizer,
-loop counters (step, epoch, best validation, patience), batch position and CPU RNG restored, and `metrics.jsonl`
-cut back to the records that existed when last.pt was written. So after a kill -9 anywhere, or a stop by
+loop counters (step, epoch, best validation, patience), batch position and RNG restored, and `metrics.jsonl`
+cut back to the records that existed when last.pt was written, at any world size (tests/test_distributed.py). So after a kill -9 anywhere, or a stop by
 `max_steps` / `max_minutes` (a pause: no validation, no patience counted), the resumed run ends with the same
 weights (bitwise on CPU), the same best.pt and the same records as one that never stopped. Tested in
 tests/test_resume.py.

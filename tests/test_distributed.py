@@ -170,6 +170,7 @@ def test_kill_9_of_one_rank_then_relaunch_finishes_as_if_uninterrupted(tmp_path:
     start = time.monotonic()
     killed = train(2, run, *args, event=("kill", 1, 5))
     assert killed.returncode != 0 and time.monotonic() - start < 120       # the job ends, no hang
+    assert "error: another process of this job failed or was stopped" in killed.stderr   # rank 0: one line
     assert load_checkpoint(run / "checkpoints" / "last.pt")["loop"]["step"] == 3
     ok(train(2, run, *args))
     assert all(torch.equal(a, b) for a, b in zip(flat(weights(run)), flat(weights(full))))
@@ -194,8 +195,11 @@ def test_a_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path:
 
 
 @pytest.mark.distributed
-def test_sigusr1_on_one_rank_saves_exits_0_and_resumes_equal(tmp_path: Path) -> None:
-    args = ["train.max_steps=8", "dist.zero_stage=2"]
+@pytest.mark.parametrize("stage", [0, 3])
+def test_sigusr1_on_one_rank_saves_exits_0_and_resumes_equal(stage: int, tmp_path: Path) -> None:
+    """Slurm's warning signal on rank 1 only; the resume loads DeepSpeed's shards (kill -9 and crash-in-save
+    above resume ZeRO-1 and ZeRO-2 shards): bitwise the uninterrupted run."""
+    args = ["train.max_steps=8", f"dist.zero_stage={stage}"]
     full, run = tmp_path / "full", tmp_path / "run"
     ok(train(2, full, *args))
     stopped = ok(train(2, run, *args, event=("usr1", 1, 3)))
