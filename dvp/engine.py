@@ -192,8 +192,8 @@ class TorchEngine(Engine):
         return self._after_step(sums, len(x))
 
     def full_weights(self, which: str) -> dict[str, Tensor]:
-        get = self.optimizer.state if which == "ema" else None
-        return {n: (get[p]["ema"] if get is not None else p.detach()).clone() for n, p in self.params.items()}
+        state = self.optimizer.state
+        return {n: (state[p]["ema"] if which == "ema" else p.detach()).clone() for n, p in self.params.items()}
 
     def buffers(self) -> dict[str, Tensor]:
         """The persistent buffers (state_dict entries that are not trained parameters), never partitioned."""

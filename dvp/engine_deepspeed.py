@@ -70,10 +70,9 @@ class DeepSpeedEngine(Engine):
         if state is not None:
             model.load_state_dict(state["model"])
         self.stage = cfg.dist.zero_stage
-        partitioned = self.stage >= 1
+        partitioned = {"norm_reduce": ctx.all_reduce_sum} if self.stage >= 1 else {}   # ZeRO 0: whole grads
         optimizer = AdamaxEMA([p for p in model.parameters() if p.requires_grad], lr=t.lr,
-                              weight_decay=t.weight_decay, clip=t.grad_clip, skip=t.grad_skip,
-                              norm_reduce=ctx.all_reduce_sum if partitioned else _same)
+                              weight_decay=t.weight_decay, clip=t.grad_clip, skip=t.grad_skip, **partitioned)
         deepspeed_environment(ctx)
         self.ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, ctx.world_size, self.micro,
@@ -155,11 +154,6 @@ class DeepSpeedEngine(Engine):
             self.ds.optimizer._hp_optimizer_states_linked = False
             self.ds.optimizer._lazy_init_hp_params_optimizer_state()
         return client
-
-
-def _same(t: Tensor) -> Tensor:
-    """ZeRO 0: every rank holds the whole (already averaged) gradient; nothing to sum."""
-    return t
 
 
 def _shape(p: Tensor) -> torch.Size:
