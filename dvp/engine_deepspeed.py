@@ -84,6 +84,8 @@ class DeepSpeedEngine(Engine):
         optimizer.init_state(self.partitions)
         if self.stage in (1, 2):
             self.ds.optimizer._lazy_init_hp_params_optimizer_state()   # link the state to the parameters now
+        if ctx.world_size == 1 and self.stage == 0:
+            self.ds.enable_backward_allreduce = False   # one process: the all-reduce would only copy every gradient
         self.module = self.ds.module
         self.params = dict((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
         if t.compile:

@@ -115,6 +115,10 @@ def test_world_size_invariance_fp32_zero_0_to_3(single: dict[str, Path], tmp_pat
         assert losses(run) == pytest.approx(losses(single["32"]), rel=1e-4)
         if stage < 3:   # same micro-batches as one process with micro-batch 16: bitwise
             assert all(torch.equal(a, b) for a, b in zip(flat(weights(run)), flat(weights(single["16"])))), stage
+    for micro in ("32", "16"):      # the DeepSpeed engine in one process (no all-reduce) is the torch engine
+        run = tmp_path / f"ds1_{micro}"
+        ok(train(1, run, "train.max_steps=6", "dist.engine=deepspeed", f"dist.micro_batch={micro}"))
+        assert all(torch.equal(a, b) for a, b in zip(flat(weights(run)), flat(weights(single[micro])))), micro
     run = tmp_path / "z2x2"                                  # 2 processes x 2 micro-batches of 8
     ok(train(2, run, "train.max_steps=6", "dist.zero_stage=2", "dist.micro_batch=8"))
     assert rel(weights(run), ref) <= 2 * s
