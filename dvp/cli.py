@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from typing import Callable
 
 import torch.distributed as dist
@@ -39,13 +40,14 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str]) -> int:
-    """Run `fn(argv)`; '--help' prints the docstring; known user errors exit 2 with one line on stderr."""
+def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str], stop_signals: bool = True) -> int:
+    """Run `fn(argv)`; '--help' prints the docstring; known user errors exit 2 with one line on stderr.
+    `stop_signals=False` leaves SIGINT/SIGTERM to `fn` (Ray Tune handles them itself)."""
     if any(a in ("-h", "--help") for a in argv):
         print((doc or "").strip() + "\n" + MAIN_KEYS.format(experiments=", ".join(experiments())))
         return 0
     try:
-        with StopSignals():
+        with StopSignals() if stop_signals else nullcontext():
             return fn(argv)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -51,7 +51,7 @@ NULLABLE: dict[str, type] = {
     "experiment": str, "run_dir": str, "data.root": str, "data.val_size": int, "model.input_mean": float,
     "model.input_std": float, "train.max_steps": int, "train.num_threads": int, "eval.max_images": int,
     "dist.micro_batch": int,
-    "wandb.entity": str,
+    "wandb.entity": str, "wandb.group": str,
 }
 """Keys whose default is null, with the type a non-null value must have; every other key refuses null."""
 

@@ -46,7 +46,7 @@ def _smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
     return smoothed
 
 
-def _save(fig: Figure, out_path: Path) -> Path:
+def save_figure(fig: Figure, out_path: Path) -> Path:
     """Write the figure as a PNG at dpi 120 through a temporary file, so readers never see half a picture."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str | None = None) ->
         _finish_axes(axes[1], "NELBO (nats)")
     if title:
         fig.suptitle(title)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def compare_curves(runs: dict[str, Path], out_path: Path, key: str = "nelbo", split: str = "val") -> Path:
@@ -99,7 +99,7 @@ def compare_curves(runs: dict[str, Path], out_path: Path, key: str = "nelbo", sp
     if not ax.lines:
         raise ValueError(f"no run has {split} {key!r}: {', '.join(str(p) for p in runs.values())}")
     _finish_axes(ax, f"{split} {key} ({UNITS[key]})" if key in UNITS else f"{split} {key}")
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,7 @@ class RunLogger:
         wandb_mode: "online" (offline, with a warning, when no credentials are configured), "offline", or
             "disabled" (wandb is never imported).
         project, entity: the wandb project and entity.
+        group: the wandb group (a sweep's trials share one), or None.
         log_checkpoints: whether `log_checkpoint` uploads checkpoints as wandb artifacts.
         start_step: the step a resumed run starts from (progress bar and ETA).
         keep_records: how many records of an existing `metrics.jsonl` the resumed state has seen (saved in its
@@ -109,7 +110,7 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, config: dict, *, total_steps: int | None, enabled: bool = True,
                  wandb_mode: str = "offline", project: str = "dvp", entity: str | None = None,
-                 log_checkpoints: bool = False, start_step: int = 0, keep_records: int | None = None) -> None:
+                 group: str | None = None, log_checkpoints: bool = False, start_step: int = 0, keep_records: int | None = None) -> None:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}")
         self.enabled = enabled
@@ -131,7 +132,7 @@ class RunLogger:
             self.records = self._truncate_metrics(metrics_path, start_step, keep_records)
         self._metrics = metrics_path.open("a", buffering=1)
         if wandb_mode != "disabled":
-            self._wandb_call(lambda: self._start_wandb(config, wandb_mode, project, entity))
+            self._wandb_call(lambda: self._start_wandb(config, wandb_mode, project, entity, group))
         if sys.stderr.isatty():
             self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, unit="step",
                              dynamic_ncols=True)
@@ -148,7 +149,7 @@ class RunLogger:
         replace_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
         return len(kept)
 
-    def _start_wandb(self, config: dict, mode: str, project: str, entity: str | None) -> None:
+    def _start_wandb(self, config: dict, mode: str, project: str, entity: str | None, group: str | None) -> None:
         """Start (or resume) the wandb run whose id is kept in `run_dir/wandb_id.txt`."""
         import wandb
 
@@ -162,7 +163,7 @@ class RunLogger:
         # an absolute dir: a wandb service inherited from a parent process (WANDB_SERVICE) resolves a relative
         # one in its own working directory
         self._run = wandb.init(mode=mode, dir=self.run_dir.resolve(), project=project, entity=entity,
-                               config=config, id=run_id, resume="allow")
+                               group=group, config=config, id=run_id, resume="allow")
 
     def _wandb_call(self, call: Callable[[], None]) -> None:
         """Run a wandb call; on any exception warn once and switch wandb off for the rest of the run."""

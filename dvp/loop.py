@@ -22,9 +22,11 @@ tests/test_resume.py.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,6 +47,11 @@ from dvp.logger import RunLogger, replace_atomically
 from dvp.model import HierarchicalVAE, build_model, parameter_counts
 from dvp.paths import check_output_dir
 from dvp.signals import StopSignals, signal_name
+
+EpochReport = Callable[[dict[str, float], Path], None]
+"""Called on every rank after each epoch's last.pt: (the epoch's validation metrics with epoch and step, last.pt)."""
+STOP_FILE = "stop.json"
+"""Written by rank 0 when training ends by itself (not when killed or signalled): step, epoch and the reason."""
 
 
 @dataclass
@@ -94,9 +101,11 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
     return from_dict(OmegaConf.to_container(merged))
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext | None = None) -> Path:
+def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext | None = None,
+          report: EpochReport | None = None) -> Path:
     """Train (or resume) the run described by `cfg` on the processes of `ctx` (default: this process alone, see
-    `dvp.launch`); returns the run directory.
+    `dvp.launch`); returns the run directory. `report` is called at every epoch end (e.g. to tell Ray Tune);
+    `run_dir/stop.json` records why training ended when it ended by itself.
 
     Every check (config, run dir, checkpoint, data) happens before anything is written; rank 0 resolves and
     checks the run dir and does all the writing. SIGTERM/SIGUSR1 save `last.pt` and raise `Interrupted`."""
@@ -119,11 +128,13 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(last.parent)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)     # training goes on: the old stop no longer holds
         replace_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg)))
     steps_per_epoch = len(batches)
     total = min(t.max_epochs * steps_per_epoch, t.max_steps or math.inf)
     log = RunLogger(run_dir, to_dict(cfg), total_steps=int(total), enabled=ctx.is_main, wandb_mode=cfg.wandb.mode,
-                    project=cfg.wandb.project, entity=cfg.wandb.entity, log_checkpoints=cfg.wandb.log_checkpoints,
+                    project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
+                    log_checkpoints=cfg.wandb.log_checkpoints,
                     start_step=state.step, keep_records=state.records)
     counts = parameter_counts(model)
     log.log_summary({f"params/{k}": v for k, v in counts.items()})
@@ -132,12 +143,14 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext 
               f"{type(engine).__name__} x {ctx.world_size} (micro-batch {engine.micro}, accumulation "
               f"{engine.accumulation})  {'resumed at step ' + str(state.step) if saved is not None else 'new run'}",
               flush=True)
-    run = _Run(cfg, data, engine, batches, state, log, run_dir, ctx)
+    run = _Run(cfg, data, engine, batches, state, log, run_dir, ctx, report)
     try:
         with run.signals:
             reason = run.fit()
             if ctx.is_main:
                 print(f"stopped at step {state.step}: {reason}", flush=True)
+                record = {"step": state.step, "epoch": state.epoch, "reason": reason}
+                replace_atomically(run_dir / STOP_FILE, lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
             if t.final_eval:
                 run.final_eval()
     finally:
@@ -214,9 +227,10 @@ class _Run:
     """
 
     def __init__(self, cfg: DictConfig, data: DataSplits, engine: Engine, batches: BatchIterator,
-                 state: LoopState, log: RunLogger, run_dir: Path, ctx: DistContext) -> None:
+                 state: LoopState, log: RunLogger, run_dir: Path, ctx: DistContext,
+                 report: EpochReport | None = None) -> None:
         self.cfg, self.data, self.engine, self.batches, self.state = cfg, data, engine, batches, state
-        self.log, self.run_dir, self.ctx = log, run_dir, ctx
+        self.log, self.run_dir, self.ctx, self.report = log, run_dir, ctx, report
         self.last, self.best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
         self.signals = StopSignals()
         t = cfg.train
@@ -329,8 +343,8 @@ class _Run:
         position = {"epoch": self.state.epoch, "position": len(self.batches)}
         try:
             with self.signals.raising() if self.ctx.world_size == 1 else nullcontext():
-                _end_of_epoch(self.cfg, self.engine, self.data, self.state, self.log, self.best, self.checkpoint,
-                              self.ctx)
+                metrics = _end_of_epoch(self.cfg, self.engine, self.data, self.state, self.log, self.best,
+                                        self.checkpoint, self.ctx)
         except Interrupted as e:
             self.state = before
             self.checkpoint(self.last, before, position)
@@ -338,6 +352,8 @@ class _Run:
         self.state.epoch += 1
         self.batches.load_state_dict({"epoch": self.state.epoch, "position": 0})
         self.checkpoint(self.last)
+        if self.report is not None:
+            self.report({**metrics, "epoch": float(self.state.epoch), "step": float(self.state.step)}, self.last)
         if self._agreed_stop() and self.signals.received:
             raise self._interrupted(self.signals.received, "at the end of an epoch")
 
@@ -361,9 +377,9 @@ class _Run:
 
 
 def _end_of_epoch(cfg: DictConfig, engine: Engine, data: DataSplits, state: LoopState, log: RunLogger,
-                  best: Path, checkpoint: Any, ctx: DistContext) -> None:
+                  best: Path, checkpoint: Any, ctx: DistContext) -> dict[str, float]:
     """Validate the EMA weights (sharded, the same numbers on every rank), keep the best checkpoint, write sample
-    and reconstruction grids (rank 0)."""
+    and reconstruction grids (rank 0); returns the validation metrics."""
     view = engine.eval_view("ema")
     metrics = evaluate_elbo(view, data.val, cfg, ctx, seed=cfg.data.split_seed, stream="val")
     metrics["skipped_total"] = float(engine.skipped_total)
@@ -382,3 +398,4 @@ def _end_of_epoch(cfg: DictConfig, engine: Engine, data: DataSplits, state: Loop
         log.log_checkpoint(best, ["best", f"step-{state.step}"])
     else:
         state.epochs_since_best += 1
+    return metrics

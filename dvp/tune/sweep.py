@@ -1,0 +1,266 @@
+"""`dvp-sweep sweep=NAME [key=value ...]` (also `python sweeps/sweep.py ...`): run a Ray Tune sweep whose trials
+each train with DeepSpeed on several Ray Train workers; weak trials stop early (ASHA by default).
+
+    dvp-sweep sweep=digits_depth_pseudo                          # sweeps/digits_depth_pseudo.yaml, private local Ray
+    dvp-sweep sweep=mnist_depth_pseudo data.root=../shared/data storage=/nfs/sweeps
+    dvp-sweep sweep=my_sweep.yaml num_samples=4 resources.workers=[1,4] train.max_epochs=20
+    ray submit CLUSTER.yaml sweeps/sweep.py -- sweep=mnist_depth_pseudo ray.address=auto
+    dvp-report runs/sweeps/digits_depth_pseudo                   # the table and plots
+
+Arguments: `sweep=` (a name under sweeps/ or a YAML file); `key=value` under data/model/train/dist/eval are
+fixed trial overrides; any other key sets the sweep file's (dvp.tune.spec), e.g. storage=, num_samples=,
+resources.workers=. Everything is checked before Ray starts.
+
+Ray: `ray.address=` (or RAY_ADDRESS) joins an existing cluster; otherwise the sweep starts a private local Ray
+(its own temp folder and ports, never another Ray on the host) and stops it at the end.
+
+Resume: the same command on an interrupted sweep (Ctrl-C, SIGTERM, a crash) continues it: finished trials are
+kept, unfinished ones continue from their last checkpoints. A failed trial does not stop the sweep.
+At the end: `<sweep folder>/best.json` (the best trial: metric, overrides, checkpoint folder, reproduce command),
+a table of the trials, and the command that reproduces the best one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dvp.cli import run_cli
+from dvp.errors import ConfigError
+from dvp.logger import replace_atomically
+from dvp.tune.driver import DRIVER_RESOURCE, can_restore, driver_resources, make_tuner, restore_tuner
+from dvp.tune.spec import SweepSpec, load_sweep
+
+DONE = ("TERMINATED", "ERROR")
+
+
+def _split_sweep(argv: list[str]) -> tuple[str, list[str]]:
+    names = [a for a in argv if a.startswith("sweep=")]
+    if len(names) != 1 or not names[0][len("sweep="):]:
+        raise ConfigError("give the sweep once: sweep=NAME (a file under sweeps/, e.g. digits_depth_pseudo) "
+                          "or sweep=path/to/sweep.yaml")
+    return names[0][len("sweep="):], [a for a in argv if not a.startswith("sweep=")]
+
+
+# ---- Ray ----------------------------------------------------------------------------------------------------------
+def start_ray(spec: SweepSpec) -> str | None:
+    """Join the cluster the spec or RAY_ADDRESS names, or start a private local Ray; returns the private Ray's
+    temp folder (the caller stops it and removes the folder), else None."""
+    import ray
+    address = spec.ray["address"] or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")        # a stale ~/.ray/auth_token must not turn it on
+    temp = tempfile.mkdtemp(prefix="dvp-ray-")                # its own sessions: never another Ray's
+    # the dashboard serves the state API, which Ray Train's placement-group cleaner needs (without it a finished
+    # trial's worker placement group can stay reserved and starve the next trial); on loopback, a free port
+    ray.init(address="local", num_cpus=spec.ray["num_cpus"] or os.cpu_count(), num_gpus=spec.ray["num_gpus"],
+             resources={DRIVER_RESOURCE: 1000}, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), _temp_dir=temp, log_to_driver=True)
+    return temp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_resources(spec: SweepSpec) -> int:
+    """Refuse a trial the cluster can never hold (when resources.check); returns how many trials run at once."""
+    import ray
+    total = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    r = spec.resources
+    need_cpu = r.workers[0] * r.cpus_per_worker + driver_resources(total).get("CPU", 0.0)
+    need_gpu = r.workers[0] * r.gpus_per_worker
+    if r.check:
+        have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+        if need_cpu > have_cpu + 1e-9 or need_gpu > have_gpu + 1e-9:
+            raise ConfigError(
+                f"sweep {spec.name}: a trial needs {r.workers[0]} workers x ({r.cpus_per_worker:g} CPU, "
+                f"{r.gpus_per_worker:g} GPU) but the cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs; lower "
+                "resources.workers / cpus_per_worker / gpus_per_worker, or resources.check=false for an autoscaler")
+        if not any(n.get("CPU", 0) >= r.cpus_per_worker and n.get("GPU", 0) >= r.gpus_per_worker for n in nodes):
+            raise ConfigError(f"sweep {spec.name}: no node has {r.cpus_per_worker:g} CPUs and "
+                              f"{r.gpus_per_worker:g} GPUs for one worker; lower resources.cpus_per_worker / "
+                              "gpus_per_worker")
+    if spec.max_concurrent_trials:
+        return spec.max_concurrent_trials
+    fits = [math.floor((total.get("CPU", 0.0) + 1e-9) / need_cpu)]
+    if need_gpu:
+        fits.append(math.floor(total.get("GPU", 0.0) / need_gpu + 1e-9))
+    return max(1, min(fits))
+
+
+# ---- the sweep folder ---------------------------------------------------------------------------------------------
+def _write_text(uri: str, text: str) -> None:
+    """Write a small file to a local path or a storage URI (s3://, gs://: through pyarrow, as Ray does)."""
+    if "://" not in uri:
+        replace_atomically(Path(uri), lambda tmp: tmp.write_text(text))
+        return
+    import pyarrow.fs
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def _read_text(uri: str) -> str | None:
+    if "://" not in uri:
+        return Path(uri).read_text() if Path(uri).is_file() else None
+    import pyarrow.fs
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def _saved_form(spec: SweepSpec) -> dict[str, Any]:
+    """The sweep as sweep.yaml records it (storage made absolute)."""
+    return {**spec.raw, "storage": spec.storage if spec.remote else str(Path(spec.storage).resolve())}
+
+
+def check_folder(spec: SweepSpec) -> bool:
+    """Whether the sweep folder already holds this sweep (a resume); a ConfigError when it holds another."""
+    saved = _read_text(f"{spec.sweep_dir}/sweep.yaml")
+    if saved is not None and yaml.safe_load(saved) != _saved_form(spec):
+        raise ConfigError(f"{spec.sweep_dir} holds another sweep (its sweep.yaml differs from this command's); "
+                          "rerun that sweep's command to resume it, or give another name= or storage=")
+    return saved is not None
+
+
+def record_sweep(spec: SweepSpec) -> None:
+    """Write sweep.yaml into the sweep folder (what a resume and dvp-report read)."""
+    if not spec.remote:
+        Path(spec.sweep_dir).mkdir(parents=True, exist_ok=True)
+    _write_text(f"{spec.sweep_dir}/sweep.yaml", yaml.safe_dump(_saved_form(spec), sort_keys=False))
+
+
+def trials(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every trial of the sweep folder: id, status, config, overrides, its last result and error."""
+    from ray.tune import ExperimentAnalysis
+    analysis = ExperimentAnalysis(spec.sweep_dir)
+    out = []
+    for t in analysis.trials:
+        out.append({"trial_id": t.trial_id, "status": t.status, "config": t.config,
+                    "overrides": spec.trial_overrides(t.config), "last_result": dict(t.last_result or {}),
+                    "error": _error_text(t)})
+    return out
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path and Path(path).is_file() else ""
+    except OSError:
+        text = ""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def latest_checkpoint(spec: SweepSpec, trial_id: str) -> str | None:
+    """The newest registered checkpoint folder of a trial (local storage), laid out like a run dir."""
+    if spec.remote:
+        return None
+    folders = sorted(p for p in Path(spec.sweep_dir, "trials", trial_id).glob("checkpoint_*") if p.is_dir())
+    return str(folders[-1]) if folders else None
+
+
+def best_trial(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial with the best value of the metric at any epoch it reported (scope 'all')."""
+    better = min if spec.mode == "min" else max
+    scored = []
+    for row in rows:
+        finite = [v for v in metric_history(spec, row["trial_id"]) if v is not None and math.isfinite(v)]
+        if finite:
+            scored.append((better(finite), row))
+    if not scored:
+        return None
+    value, best = better(scored, key=lambda pair: pair[0])
+    return {"trial_id": best["trial_id"], "metric": spec.metric, "value": value, "overrides": best["overrides"],
+            "command": spec.reproduce_command(best["config"]),
+            "checkpoint": latest_checkpoint(spec, best["trial_id"]), "run_dir": str(spec.runs_dir() / best["trial_id"])}
+
+
+def metric_history(spec: SweepSpec, trial_id: str) -> list[float | None]:
+    """The metric at every validation of a trial, from its run dir's metrics.jsonl."""
+    path = spec.runs_dir() / trial_id / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    from dvp.logger import read_metrics
+    key = spec.metric.split("/", 1)[1]
+    return [r.get(key) for r in read_metrics(path) if r.get("split") == "val"]
+
+
+def _table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'trial':10} {'status':10} {'epochs':>6} {spec.metric:>12}  overrides"]
+    for row in rows:
+        values = [v for v in metric_history(spec, row["trial_id"]) if v is not None]
+        best = (min if spec.mode == "min" else max)(values) if values else math.nan
+        axes = row["overrides"][1 + len(spec.overrides):]
+        lines.append(f"{row['trial_id']:10} {row['status']:10} {len(values):>6} {best:>12.4f}  "
+                     f"{row['overrides'][0]} {' '.join(axes)}" + (f"  error: {row['error']}" if row["error"] else ""))
+    return "\n".join(lines)
+
+
+# ---- the command --------------------------------------------------------------------------------------------------
+def run_sweep(spec: SweepSpec) -> int:
+    """Start or resume the sweep, wait for it, write best.json and print the summary; returns the exit code."""
+    resumed = check_folder(spec)
+    private = start_ray(spec)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))   # Tune stops cleanly on SIGINT
+    try:
+        concurrent = check_resources(spec)
+        if not resumed:
+            record_sweep(spec)
+        print(f"sweep {spec.name}: {len(spec.arms)} arms x {spec.num_samples} samples, {concurrent} at once, "
+              f"folder {spec.sweep_dir}" + (" (resumed)" if resumed else ""), flush=True)
+        tuner = restore_tuner(spec) if resumed and can_restore(spec) else make_tuner(spec, concurrent)
+        tuner.fit()
+        rows = trials(spec)
+    finally:
+        if private:
+            import ray
+            ray.shutdown()
+            shutil.rmtree(private, ignore_errors=True)
+    print(_table(spec, rows), flush=True)
+    unfinished = [r["trial_id"] for r in rows if r["status"] not in DONE]
+    best = best_trial(spec, rows)
+    if best is not None:
+        _write_text(f"{spec.sweep_dir}/best.json", json.dumps(best, indent=1) + "\n")
+        print(f"best: trial {best['trial_id']} {spec.metric} {best['value']:.4f}\n  checkpoint: {best['checkpoint']}"
+              f"\n  reproduce: {best['command']}", flush=True)
+    print(f"report: dvp-report {spec.sweep_dir}", flush=True)
+    if unfinished:
+        print(f"interrupted: {len(unfinished)} trials unfinished; run the same command to resume", file=sys.stderr)
+        return 130
+    if rows and all(r["status"] == "ERROR" for r in rows):
+        print("error: every trial failed; see the errors above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def sweep_cli(argv: list[str]) -> int:
+    name, rest = _split_sweep(argv)
+    return run_sweep(load_sweep(name, rest))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(sweep_cli, __doc__, sys.argv[1:] if argv is None else argv, stop_signals=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""What every Ray Train worker of a trial runs: the same training loop and DeepSpeed engine as `dvp-train`, with
+each epoch's validation metrics reported to Ray and its checkpoint registered there.
+
+    TorchTrainer(train_worker, train_loop_config={"overrides": [...], "run_dir": DIR, "threads": N}, ...)
+
+Ray has created the process group (RANK, WORLD_SIZE, ... set; `dvp.launch` detects the "ray" launcher and joins
+it). The registered checkpoint is a folder laid out like a run dir (`config.yaml`, `checkpoints/last.pt`,
+`checkpoints/best.pt`), so `dvp-eval run_dir=<checkpoint folder>` and `dvp-sample` read it as they are.
+
+Resume: when Ray restarts the worker group (a worker died, or an elastic trial changed size) or a sweep is
+resumed, the loop continues from the newer of the run dir's own last.pt and Ray's latest checkpoint (copied into
+the run dir first), at whatever world size the group now has: the model does not depend on it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dvp.checkpoint import load_checkpoint
+from dvp.config import compose
+from dvp.launch import DistContext, detect, init
+from dvp.logger import replace_atomically
+from dvp.loop import train
+
+CHECKPOINT_FILES = ("config.yaml", "checkpoints/last.pt", "checkpoints/best.pt")
+"""What a registered checkpoint holds, relative to the run dir (best.pt once a validation improved)."""
+
+
+def _step(path: Path) -> int:
+    return int(load_checkpoint(path)["loop"]["step"]) if path.is_file() else -1
+
+
+def restore_from_ray(run_dir: Path, ctx: DistContext) -> None:
+    """Copy Ray's latest checkpoint of this trial into `run_dir` when it is newer than the run dir's own last.pt
+    (a run dir on another node's disk, or lost); rank 0 copies, every rank waits."""
+    import ray.train
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and ctx.is_main:
+        with checkpoint.as_directory() as folder:
+            saved = Path(folder)
+            if _step(saved / "checkpoints" / "last.pt") > _step(run_dir / "checkpoints" / "last.pt"):
+                for name in CHECKPOINT_FILES:
+                    if (saved / name).is_file():
+                        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                        replace_atomically(run_dir / name, lambda tmp, src=saved / name: shutil.copyfile(src, tmp))
+    ctx.barrier()
+
+
+def reporter(run_dir: Path, ctx: DistContext) -> Any:
+    """The loop's epoch callback: `ray.train.report` of the metrics on every rank, rank 0 adding the checkpoint
+    folder (hard links to the run dir's files: nothing is copied until Ray persists it)."""
+    import ray.train
+
+    def report(metrics: dict[str, float], last: Path) -> None:
+        values = {("epoch" if k == "epoch" else "step" if k == "step" else f"val/{k}"): float(v)
+                  for k, v in metrics.items()}
+        values["world_size"] = float(ctx.world_size)
+        if not ctx.is_main:
+            ray.train.report(values, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="dvp-ckpt-") as folder:
+            for name in CHECKPOINT_FILES:
+                source = run_dir / name
+                if source.is_file():
+                    (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(source, Path(folder) / name)
+                    except OSError:      # another file system
+                        shutil.copyfile(source, Path(folder) / name)
+            ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    return report
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of a trial: `dvp.loop.train` on the trial's overrides in the group Ray made."""
+    # DeepSpeed's JIT-built ops: one node-local cache shared by the trials (not a shared home on NFS)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / f"dvp-torch-extensions-{os.getuid()}"))
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))     # Ray sets OMP_NUM_THREADS=1
+    overrides = [*config["overrides"], f"run_dir={config['run_dir']}"]
+    cfg = compose(overrides)
+    ctx = init(detect(os.environ))
+    run_dir = Path(config["run_dir"])
+    restore_from_ray(run_dir, ctx)
+    train(cfg, overrides, ctx, report=reporter(run_dir, ctx))
