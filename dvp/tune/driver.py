@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dvp.errors import ConfigError
 from dvp.tune.spec import SCHEDULERS, SEARCHERS, SweepSpec
 from dvp.tune.worker import train_worker
 
@@ -62,25 +63,32 @@ def _trial_driver(spec: SweepSpec) -> Any:
     return run_trial
 
 
-def _by_name(path: str, kwargs: dict[str, Any]) -> Any:
+def _by_name(path: str, kwargs: dict[str, Any], key: str) -> Any:
     module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)(**kwargs)
+    try:
+        return getattr(importlib.import_module(module), name)(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sweep {key} {name}{kwargs}: {' '.join(str(e).split())}") from None
 
 
 def _scheduler(spec: SweepSpec) -> Any:
+    """The scheduler by name with the sweep file's keyword arguments (fifo takes none: switching a sweep to
+    `scheduler.name=fifo`, the full grid, ignores the early-stopping ones)."""
     kwargs = {k: v for k, v in spec.scheduler.items() if k != "name"}
-    if spec.scheduler["name"] != "fifo":
+    if spec.scheduler["name"] == "fifo":
+        kwargs = {}
+    else:
         kwargs.setdefault("time_attr", "epoch")
     if spec.scheduler["name"] in ("asha", "hyperband", "bohb"):
         kwargs.setdefault("max_t", spec.max_epochs)
-    return _by_name(SCHEDULERS[spec.scheduler["name"]], kwargs)
+    return _by_name(SCHEDULERS[spec.scheduler["name"]], kwargs, "scheduler")
 
 
 def _searcher(spec: SweepSpec) -> Any:
     name = spec.search["algorithm"]
     if SEARCHERS[name] is None:
         return None
-    return _by_name(SEARCHERS[name], {k: v for k, v in spec.search.items() if k != "algorithm"})
+    return _by_name(SEARCHERS[name], {k: v for k, v in spec.search.items() if k != "algorithm"}, "search")
 
 
 def _trainable(spec: SweepSpec) -> Any:

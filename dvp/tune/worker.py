@@ -8,8 +8,10 @@ it). The registered checkpoint is a folder laid out like a run dir (`config.yaml
 `checkpoints/best.pt`), so `dvp-eval run_dir=<checkpoint folder>` and `dvp-sample` read it as they are.
 
 Resume: when Ray restarts the worker group (a worker died, or an elastic trial changed size) or a sweep is
-resumed, the loop continues from the newer of the run dir's own last.pt and Ray's latest checkpoint (copied into
-the run dir first), at whatever world size the group now has: the model does not depend on it.
+resumed, the loop continues from Ray's latest checkpoint (copied into the run dir first; the run dir's own
+last.pt when Ray has none), at whatever world size the group now has: the model does not depend on it. Ray's
+checkpoint, not a newer last.pt of the run dir, because it is the last state Tune was told of: an epoch whose
+report was cut off by the failure is trained and reported again, so Tune (and ASHA) see every epoch once.
 """
 from __future__ import annotations
 
@@ -36,14 +38,14 @@ def _step(path: Path) -> int:
 
 
 def restore_from_ray(run_dir: Path, ctx: DistContext) -> None:
-    """Copy Ray's latest checkpoint of this trial into `run_dir` when it is newer than the run dir's own last.pt
-    (a run dir on another node's disk, or lost); rank 0 copies, every rank waits."""
+    """Copy Ray's latest checkpoint of this trial into `run_dir` unless the run dir's last.pt is at the same step
+    (see the module docstring); rank 0 copies, every rank waits."""
     import ray.train
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and ctx.is_main:
         with checkpoint.as_directory() as folder:
             saved = Path(folder)
-            if _step(saved / "checkpoints" / "last.pt") > _step(run_dir / "checkpoints" / "last.pt"):
+            if _step(saved / "checkpoints" / "last.pt") != _step(run_dir / "checkpoints" / "last.pt"):
                 for name in CHECKPOINT_FILES:
                     if (saved / name).is_file():
                         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
