@@ -7,7 +7,9 @@ and optimizer steps trained, summed over trials) and whether ASHA found the grid
 
 Runs `dvp-sweep sweep=NAME scheduler.name=asha` and then the same with `scheduler.name=fifo` (every trial to
 the end: the grid), each into its own storage folder, and reads both sweep folders back (run dirs' metrics and
-stop.json). Writes --out (JSON) and prints a table. Nothing is asserted.
+stop.json); `--folders ASHA_DIR GRID_DIR` reads two finished sweeps instead (wall time is then the span of
+their metric records, which leaves out Ray's start and each trial's first ~40 s before its first record).
+Writes --out (JSON) and prints a table. Nothing is asserted.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -35,18 +39,25 @@ def run(sweep: str, scheduler: list[str], storage: Path, extra: list[str]) -> di
                           *scheduler, *extra], capture_output=True, text=True)
     wall = time.monotonic() - start
     spec = load_sweep(sweep, [*scheduler, *extra, f"storage={storage}"])
-    key = spec.metric.split("/", 1)[1]
-    trials = {}
-    for run_dir in sorted((Path(spec.sweep_dir) / "runs").iterdir()):
+    return {"returncode": res.returncode, "wall_s": wall, "log_tail": res.stdout[-2000:] + res.stderr[-2000:],
+            **read(Path(spec.sweep_dir), spec.metric.split("/", 1)[1], spec.mode)}
+
+
+def read(sweep_dir: Path, key: str, mode: str) -> dict[str, Any]:
+    """Per trial of a sweep folder: the best metric, epochs and steps trained, stopped early; the best trial; and
+    the span of its records (first to last metrics time over all trials, seconds)."""
+    trials, times = {}, []
+    for run_dir in sorted((sweep_dir / "runs").iterdir()):
         records = read_metrics(run_dir / "metrics.jsonl")
+        times += [r["time"] for r in records]
         val = [r[key] for r in records if r["split"] == "val" and r.get(key) is not None]
-        config = (run_dir / "config.yaml").read_text()
-        trials[run_dir.name] = {"best": min(val) if spec.mode == "min" else max(val), "epochs": len(val),
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config = json.dumps({k: v for k, v in config.items() if k not in ("run_dir", "wandb")}, sort_keys=True)
+        trials[run_dir.name] = {"best": min(val) if mode == "min" else max(val), "epochs": len(val),
                                 "steps": max((r["step"] for r in records), default=0),
                                 "stopped_early": not (run_dir / "stop.json").exists(), "config": config}
-    best = json.loads((Path(spec.sweep_dir) / "best.json").read_text())
-    return {"returncode": res.returncode, "wall_s": wall, "trials": trials, "best": best,
-            "log_tail": res.stdout[-2000:] + res.stderr[-2000:]}
+    return {"trials": trials, "best": json.loads((sweep_dir / "best.json").read_text()),
+            "records_span_s": max(times) - min(times)}
 
 
 def main() -> None:
@@ -54,10 +65,19 @@ def main() -> None:
     p.add_argument("--sweep", default="digits_depth_pseudo")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more dvp-sweep arguments")
     p.add_argument("--out", default=str(HERE / "results" / "sweep_asha_vs_grid.json"))
+    p.add_argument("--folders", nargs=2, metavar=("ASHA_DIR", "GRID_DIR"),
+                   help="read two finished sweep folders instead of running them (wall time: their records' span)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="dvp-sweep-bench-") as tmp:
-        asha = run(args.sweep, ["scheduler.name=asha"], Path(tmp) / "asha", args.set)
-        grid = run(args.sweep, ["scheduler.name=fifo"], Path(tmp) / "grid", args.set)
+    if args.folders:
+        spec = load_sweep(args.sweep, args.set)
+        key = spec.metric.split("/", 1)[1]
+        asha, grid = (read(Path(d), key, spec.mode) for d in args.folders)
+        for arm in (asha, grid):
+            arm["wall_s"] = arm["records_span_s"]
+    else:
+        with tempfile.TemporaryDirectory(prefix="dvp-sweep-bench-") as tmp:
+            asha = run(args.sweep, ["scheduler.name=asha"], Path(tmp) / "asha", args.set)
+            grid = run(args.sweep, ["scheduler.name=fifo"], Path(tmp) / "grid", args.set)
     by_config = {t["config"]: t for t in grid["trials"].values()}
     best_grid = min(grid["trials"].values(), key=lambda t: t["best"])
     best_asha = asha["trials"][asha["best"]["trial_id"]]
