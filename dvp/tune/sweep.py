@@ -39,6 +39,7 @@ from dvp.errors import ConfigError
 from dvp.logger import replace_atomically
 from dvp.tune.driver import DRIVER_RESOURCE, can_restore, driver_resources, make_tuner, restore_tuner
 from dvp.tune.spec import SweepSpec, load_sweep
+from dvp.tune.trials import best_record, validations
 
 DONE = ("TERMINATED", "ERROR")
 
@@ -179,39 +180,35 @@ def latest_checkpoint(spec: SweepSpec, trial_id: str) -> str | None:
     return str(folders[-1]) if folders else None
 
 
-def best_trial(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The trial with the best value of the metric at any epoch it reported (scope 'all')."""
-    better = min if spec.mode == "min" else max
-    scored = []
+def best_values(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, tuple[float | None, int]]:
+    """Per trial: the best finite value of the metric over its validations (None: none yet) and how many."""
+    key = spec.metric.split("/", 1)[1]
+    out = {}
     for row in rows:
-        finite = [v for v in metric_history(spec, row["trial_id"]) if v is not None and math.isfinite(v)]
-        if finite:
-            scored.append((better(finite), row))
+        records = validations(spec.runs_dir() / row["trial_id"])
+        best = best_record(records, key, spec.mode)
+        out[row["trial_id"]] = (None if best is None else best[key], len(records))
+    return out
+
+
+def best_trial(spec: SweepSpec, rows: list[dict[str, Any]],
+               values: dict[str, tuple[float | None, int]]) -> dict[str, Any] | None:
+    """The trial with the best value of the metric at any epoch it reported (scope 'all')."""
+    scored = [(values[r["trial_id"]][0], r) for r in rows if values[r["trial_id"]][0] is not None]
     if not scored:
         return None
-    value, best = better(scored, key=lambda pair: pair[0])
+    value, best = (min if spec.mode == "min" else max)(scored, key=lambda pair: pair[0])
     return {"trial_id": best["trial_id"], "metric": spec.metric, "value": value, "overrides": best["overrides"],
             "command": spec.reproduce_command(best["config"]),
             "checkpoint": latest_checkpoint(spec, best["trial_id"]), "run_dir": str(spec.runs_dir() / best["trial_id"])}
 
 
-def metric_history(spec: SweepSpec, trial_id: str) -> list[float | None]:
-    """The metric at every validation of a trial, from its run dir's metrics.jsonl."""
-    path = spec.runs_dir() / trial_id / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    from dvp.logger import read_metrics
-    key = spec.metric.split("/", 1)[1]
-    return [r.get(key) for r in read_metrics(path) if r.get("split") == "val"]
-
-
-def _table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
+def _table(spec: SweepSpec, rows: list[dict[str, Any]], values: dict[str, tuple[float | None, int]]) -> str:
     lines = [f"{'trial':10} {'status':10} {'epochs':>6} {spec.metric:>12}  overrides"]
     for row in rows:
-        values = [v for v in metric_history(spec, row["trial_id"]) if v is not None]
-        best = (min if spec.mode == "min" else max)(values) if values else math.nan
+        best, epochs = values[row["trial_id"]]
         axes = row["overrides"][1 + len(spec.overrides):]
-        lines.append(f"{row['trial_id']:10} {row['status']:10} {len(values):>6} {best:>12.4f}  "
+        lines.append(f"{row['trial_id']:10} {row['status']:10} {epochs:>6} {math.nan if best is None else best:>12.4f}  "
                      f"{row['overrides'][0]} {' '.join(axes)}" + (f"  error: {row['error']}" if row["error"] else ""))
     return "\n".join(lines)
 
@@ -236,9 +233,10 @@ def run_sweep(spec: SweepSpec) -> int:
             import ray
             ray.shutdown()
             shutil.rmtree(private, ignore_errors=True)
-    print(_table(spec, rows), flush=True)
+    values = best_values(spec, rows)
+    print(_table(spec, rows, values), flush=True)
     unfinished = [r["trial_id"] for r in rows if r["status"] not in DONE]
-    best = best_trial(spec, rows)
+    best = best_trial(spec, rows, values)
     if best is not None:
         _write_text(f"{spec.sweep_dir}/best.json", json.dumps(best, indent=1) + "\n")
         print(f"best: trial {best['trial_id']} {spec.metric} {best['value']:.4f}\n  checkpoint: {best['checkpoint']}"

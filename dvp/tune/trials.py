@@ -123,7 +123,7 @@ def validations(run_dir: Path) -> list[dict[str, Any]]:
     return _per_epoch(_records(run_dir))
 
 
-def _best(records: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any] | None:
+def best_record(records: list[dict[str, Any]], key: str, mode: str) -> dict[str, Any] | None:
     """The record with the best finite `key` (the first of equal ones), or None."""
     scored = [r for r in records if r.get(key) is not None and math.isfinite(r[key])]
     if not scored:
@@ -157,7 +157,7 @@ def _row(spec: SweepSpec, sweep_dir: Path, trial_id: str, status: str, config: d
     values = {**config["arm"], **config.get("space", {})}
     records = _records(run_dir)
     vals = _per_epoch(records)
-    best = _best(vals, spec.metric.split("/", 1)[1], spec.mode) or {}
+    best = best_record(vals, spec.metric.split("/", 1)[1], spec.mode) or {}
     steps, wall = _clock(records)
     test = eval_results(run_dir)
     scales = list(cfg.model.latent_scales)
