@@ -21,6 +21,11 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. a long run of skipped steps); the message says what to change."""
 
 
+class PublishError(RuntimeError):
+    """A report could not be published to a server (wandb): the message names the cause and the fix; what was
+    written locally stays as it is."""
+
+
 class Interrupted(RuntimeError):
     """A signal (SIGTERM, SIGUSR1, Ctrl-C) ended the command; the message says what was saved and how to
     continue. `saved`: the run was checkpointed first (a preemption: SIGTERM/SIGUSR1 then exit 0)."""
@@ -31,4 +36,5 @@ class Interrupted(RuntimeError):
         self.saved = saved
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrainingStopped)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrainingStopped,
+                                             PublishError)

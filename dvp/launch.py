@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -463,3 +464,10 @@ def _rendezvous_message(env: LaunchEnv, timeout_s: float, error: str) -> str:
     first_line = error.strip().splitlines()[0] if error.strip() else "no reason given"
     return (f"{where} failed on rank {env.rank}: {first_line}; choose another MASTER_PORT or check "
             "MASTER_ADDR")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for a master or a dashboard started right after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -48,6 +48,7 @@ def test_sweep_folder_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFix
     (["colour=red"], "unknown key 'colour'; allowed: " + ", ".join(OPTIONS)),
     (["eval.is_chunk=4", "eval=true"], "unknown key 'eval.is_chunk'"),
     (["eval=yes"], "eval=yes; give eval=true or eval=false"),
+    (["wandb=yes"], "wandb=yes; give wandb=true or wandb=false"),
     (["eval=true", "workers=0"], "workers=0 must be >= 1"),
     (["eval=true", "eval.is_samples=many"], "eval.is_samples=many is not an integer"),
     (["eval.max_images=10"], "eval.max_images= applies to the test evaluation only; add eval=true"),

@@ -28,6 +28,7 @@ import yaml
 from PIL import Image
 
 from dvp.checkpoint import load_checkpoint
+from dvp.launch import free_port
 from dvp.logger import read_metrics
 from wandb_records import history, records
 
@@ -289,21 +290,14 @@ class Node:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_elastic_trial_that_loses_a_node_ends_where_a_fixed_one_ends(tmp_path: Path) -> None:
     """A 2-node cluster (1 CPU each; the head also holds the trial drivers): a trial with workers [1, 2] trains
     on both, loses the second node, continues on 1 worker from its last checkpoint and ends within the world-size
     tolerance of one process running the trial's overrides (tests/test_distributed.py)."""
-    port = _free_port()
+    port = free_port()
     head = Node(["--head", f"--port={port}", "--num-cpus=1", '--resources={"dvp_driver": 100}',
-                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
-                 f"--dashboard-agent-listen-port={_free_port()}"])
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}"])
     worker: Node | None = None
     path = sweep_yaml(tmp_path, "elastic", experiments={"digits/dvp_vae": {"model.ctx_size": [2]}},
                       space={"model.latent_scales": [2, 2]}, scheduler={"name": "fifo"}, wandb={"mode": "disabled"},
@@ -318,7 +312,7 @@ def test_an_elastic_trial_that_loses_a_node_ends_where_a_fixed_one_ends(tmp_path
                                          f"--address=127.0.0.1:{port}"], capture_output=True,
                                         env={**os.environ, "RAY_AUTH_MODE": "disabled"}).returncode == 0,
                  120, "the head node")
-        worker = Node([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--dashboard-agent-listen-port={_free_port()}"])
+        worker = Node([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--dashboard-agent-listen-port={free_port()}"])
         time.sleep(10)
         proc = sweep.start()
         trial = wait_for(lambda: sorted((sweep_dir / "trials").glob("*/checkpoint_*")), 600,
@@ -342,7 +336,7 @@ def test_an_elastic_trial_that_loses_a_node_ends_where_a_fixed_one_ends(tmp_path
     overrides = [*json.loads((sweep_dir / "best.json").read_text())["overrides"], "wandb.mode=disabled"]
     one, two = tmp_path / "one", tmp_path / "two"
     for n, ref in ((1, one), (2, two)):
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
         res = subprocess.run([sys.executable, *(launcher if n == 2 else []), "-m", "dvp.train", *overrides,
                               f"run_dir={ref}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -67,6 +67,7 @@ def test_arms_cross_each_family_own_axes_and_overrides_compose(tmp_path: Path) -
     ({"search": {"algorithm": "magic"}}, [], "search.algorithm='magic'; choose one of basic"),
     ({"overrides": ["run_dir=/x"]}, [], "override 'run_dir=/x' is set per trial"),
     ({"space": {"model.num_ch": {"grid": [8, 16]}}}, [], "'model.num_ch' is both a fixed override and a space axis"),
+    ({}, ["ray.nodes=0"], "ray.nodes must be >= 1 and ray.wait_s > 0 (got 0 and 300)"),
 ])
 def test_bad_sweep_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture, changes: dict,
                                          argv: list[str], message: str) -> None:
@@ -77,6 +78,16 @@ def test_bad_sweep_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureF
     assert main([f"sweep={path}", *argv]) == 2          # the command: exit 2, one line, before Ray starts
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_a_relative_storage_is_fixed_where_the_sweep_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials run in Ray actors with other working folders (on a cluster, the head's home): the sweep folder is
+    made absolute when the sweep is loaded, not where a trial asks for it."""
+    path = sweep_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(path, ["storage=runs/sweeps"])
+    monkeypatch.chdir("/")
+    assert spec.sweep_dir == str(tmp_path.resolve() / "runs/sweeps/s") and str(spec.runs_dir()).startswith(str(tmp_path))
 
 
 def test_missing_sweep_names_the_known_ones(capsys: pytest.CaptureFixture) -> None:

@@ -1,9 +1,11 @@
-"""`dvp-report SWEEP_DIR [eval=true] [eval.is_samples=K] [eval.max_images=N] [workers=N] [out=DIR]`: the table
-and plots of a sweep, from its folder alone (no Ray cluster, no network).
+"""`dvp-report SWEEP_DIR [eval=true] [eval.is_samples=K] [eval.max_images=N] [workers=N] [out=DIR]
+[wandb=true|false]`: the table and plots of a sweep, from its folder alone (no Ray cluster; no network unless
+wandb=true), and the same as a W&B Report of the sweep's wandb group.
 
     dvp-report runs/sweeps/digits_depth_pseudo                      # table + plots in <sweep folder>/report/
     dvp-report runs/sweeps/digits_depth_pseudo eval=true workers=2  # test IS-NLL of the finished trials first
     dvp-report /nfs/sweeps/mnist_depth_pseudo eval=true eval.is_samples=1000 eval.max_images=1000 out=rep
+    dvp-report runs/sweeps/mnist_depth_pseudo wandb=true            # + the W&B Report, its URL printed
 
 SWEEP_DIR is the folder dvp-sweep printed (`<storage>/<name>`): it reads `sweep.yaml`, Tune's experiment state
 and each trial's dvp run dir `runs/<trial id>/` (config.yaml, metrics.jsonl, stop.json,
@@ -24,6 +26,16 @@ Writes into out (default SWEEP_DIR/report/):
     active_units.png             active-unit fraction per latent layer at each trial's best validation
     nll_vs_params.png            best metric against parameter count
 then prints the Markdown table and the paths written.
+
+`wandb=true` (the default when sweep.yaml's wandb.mode is online; wandb=false never touches the network) then
+publishes the report to wandb (dvp/tune/wandb_report.py): each trial's run (group = the sweep's name, in
+sweep.yaml's wandb.entity / wandb.project) gets the report's numbers in its summary as report/<key> (best, params,
+depth, pseudo_inputs, ...), and a new W&B Report "Sweep <name>" shows trials.md, the runs table and the plots'
+counterparts (learning curves, best vs parameters, parallel coordinates over the axes, active units); its URL is
+printed. It needs an API key (`wandb login` or WANDB_API_KEY; WANDB_BASE_URL for a private server) and runs that
+reached the server (an offline sweep: `wandb sync SWEEP_DIR/trial_*/wandb/offline-run-*` first). A missing key
+or wandb switched off here is one error line before anything else runs; a server failure is one error line
+(exit 2) after the offline files are written, which it leaves as they are.
 """
 from __future__ import annotations
 
@@ -40,14 +52,14 @@ from typing import Any
 from dvp.cli import run_cli
 from dvp.config import split_overrides
 from dvp.errors import ConfigError
+from dvp.launch import free_port
 from dvp.logger import replace_atomically
 from dvp.paths import check_output_dir
 from dvp.tune.plots import plot_active_units, plot_heatmap, plot_learning_curves, plot_vs_params
 from dvp.tune.spec import SweepSpec
-from dvp.tune.sweep import free_port
 from dvp.tune.trials import ROW_KEYS, eval_results, axes, best_row, cell_text, open_sweep, rows_of, validations
 
-OPTIONS = ("eval", "eval.is_samples", "eval.max_images", "workers", "out")
+OPTIONS = ("eval", "eval.is_samples", "eval.max_images", "workers", "out", "wandb")
 MD_COLUMNS = (("params", "params"), ("best", "best {metric}"), ("best_epoch", "epoch"), ("val_bpd", "val bpd"),
               ("test_nll", "test NLL"), ("au", "AU"), ("steps", "steps"), ("wall_s", "wall s"),
               ("status", "status"), ("stopped_early", "stopped early"), ("epochs", "epochs"))
@@ -90,10 +102,15 @@ def markdown_table(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
 
 def markdown(spec: SweepSpec, sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
     """trials.md: the sweep, the metric, counts by status, the best trial, the table and the reproduce commands."""
+    return f"# Sweep {spec.name}\n\n" + markdown_body(spec, sweep_dir, rows)
+
+
+def markdown_body(spec: SweepSpec, sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """trials.md without its title line (the wandb report's Markdown block)."""
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     best = best_row(spec, rows)
     evaluated = sorted({(r["test_is_samples"], r["test_images"]) for r in rows if r["test_nll"] is not None})
-    lines = [f"# Sweep {spec.name}", "", spec.raw.get("description") or "(no description)", "",
+    lines = [spec.raw.get("description") or "(no description)", "",
              f"- folder: `{sweep_dir}`",
              f"- metric: {spec.metric} ({spec.mode}), the best over each trial's validations (epoch: epochs "
              "finished then); val bpd and AU (active-unit fraction) at that validation",
@@ -200,6 +217,7 @@ class Options:
     is_samples: int = 1000
     max_images: int | None = None
     workers: int = 1
+    wandb: bool | None = None       # None: publish when the sweep's wandb.mode is online
 
 
 def _positive_int(key: str, text: str) -> int:
@@ -222,21 +240,26 @@ def parse_args(argv: list[str]) -> Options:
     unknown = [k for k in given if k not in OPTIONS]
     if unknown:
         raise ConfigError(f"unknown key '{unknown[0]}'; allowed: {', '.join(OPTIONS)}")
-    if given.get("eval", "false") not in ("true", "false"):
-        raise ConfigError(f"eval={given['eval']}; give eval=true or eval=false")
+    for key in ("eval", "wandb"):
+        if given.get(key, "false") not in ("true", "false"):
+            raise ConfigError(f"{key}={given[key]}; give {key}=true or {key}=false")
     numbers = {k: _positive_int(k, given[k]) for k in ("eval.is_samples", "eval.max_images", "workers") if k in given}
     if numbers and given.get("eval") != "true":
         raise ConfigError(f"{next(iter(numbers))}= applies to the test evaluation only; add eval=true")
     sweep_dir = Path(folders[0])
     return Options(sweep_dir, Path(given["out"]) if given.get("out") else sweep_dir / "report",
                    given.get("eval") == "true", numbers.get("eval.is_samples", 1000), numbers.get("eval.max_images"),
-                   numbers.get("workers", 1))
+                   numbers.get("workers", 1), given["wandb"] == "true" if "wandb" in given else None)
 
 
 def report_cli(argv: list[str]) -> int:
     o = parse_args(argv)
     spec = open_sweep(o.sweep_dir)
     check_output_dir(o.out, "out")
+    to_wandb = o.wandb if o.wandb is not None else spec.wandb["mode"] == "online"
+    if to_wandb:
+        from dvp.tune.wandb_report import check_ready
+        check_ready(spec)
     failed = 0
     if o.eval:
         o.out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +267,11 @@ def report_cli(argv: list[str]) -> int:
     rows = rows_of(spec, o.sweep_dir)
     written = write_files(spec, o.sweep_dir, rows, o.out)
     print(markdown_table(spec, rows))
-    print("\n".join(["", "written:", *(f"  {p}" for p in written.values())]))
+    print("\n".join(["", "written:", *(f"  {p}" for p in written.values())]), flush=True)
+    if to_wandb:
+        from dvp.tune.wandb_report import publish
+        url, runs = publish(spec, rows, markdown_body(spec, o.sweep_dir, rows), o.out)
+        print(f"wandb report ({runs} of {len(rows)} trials' runs): {url}")
     return 1 if failed else 0
 
 

@@ -68,12 +68,15 @@ DEFAULTS: dict[str, Any] = {
                   "check": True},           # refuse requests the cluster cannot hold (false: an autoscaler adds nodes)
     "max_failures": 2,            # restarts of a trial whose worker dies (from its last checkpoint)
     "storage": "runs/sweeps",     # where the sweep folder goes: a local folder, NFS, or s3://bucket/prefix
+    "report": True,               # write the table and plots (dvp-report) into <sweep folder>/report/ at the end
     "wandb": {"project": "dvp",   # wandb project of the trials (group: the sweep's name)
               "entity": None,     # wandb entity
               "mode": "offline"},  # online | offline | disabled
     "ray": {"address": None,      # an existing Ray cluster (else RAY_ADDRESS, else a private local Ray)
             "num_cpus": None,     # CPUs of the private local Ray (default: this machine's)
-            "num_gpus": None},    # GPUs of the private local Ray (default: detected)
+            "num_gpus": None,     # GPUs of the private local Ray (default: detected)
+            "nodes": 1,           # wait (up to ray.wait_s) until the cluster has this many live nodes
+            "wait_s": 300},       # how long to wait for them (Slurm's `srun ray start`, an autoscaler's min_workers)
 }
 NULLABLE = {"name": str, "wandb.entity": str, "ray.address": str, "ray.num_cpus": int, "ray.num_gpus": int}
 
@@ -133,6 +136,7 @@ class SweepSpec:
     storage: str
     wandb: dict[str, Any]
     ray: dict[str, Any]
+    report: bool = True
     max_epochs: int = field(default=0)
 
     # ---- where things go ---------------------------------------------------------------------------------------
@@ -143,7 +147,7 @@ class SweepSpec:
 
     @property
     def sweep_dir(self) -> str:
-        return f"{self.storage.rstrip('/')}/{self.name}" if self.remote else str(Path(self.storage).resolve() / self.name)
+        return f"{self.storage.rstrip('/')}/{self.name}" if self.remote else str(Path(self.storage) / self.name)
 
     def runs_dir(self) -> Path:
         """Where trials keep their dvp run dirs: the sweep folder, or a node-local one when storage is remote
@@ -360,6 +364,9 @@ def load_sweep(name: str, argv: list[str] | None = None) -> SweepSpec:
     for key in ("num_samples",):
         if merged[key] < 1:
             raise ConfigError(f"{where}: {key}={merged[key]} must be >= 1")
+    if merged["ray"]["nodes"] < 1 or merged["ray"]["wait_s"] <= 0:
+        raise ConfigError(f"{where}: ray.nodes must be >= 1 and ray.wait_s > 0 (got {merged['ray']['nodes']} and "
+                          f"{merged['ray']['wait_s']})")
     for key in ("max_concurrent_trials", "max_failures"):
         if merged[key] < 0:
             raise ConfigError(f"{where}: {key}={merged[key]} must be >= 0")
@@ -372,10 +379,17 @@ def load_sweep(name: str, argv: list[str] | None = None) -> SweepSpec:
                      max_concurrent_trials=merged["max_concurrent_trials"],
                      resources=Resources((workers[0], workers[1]), float(r["cpus_per_worker"]),
                                          float(r["gpus_per_worker"]), bool(r["check"])),
-                     max_failures=merged["max_failures"], storage=str(merged["storage"]), wandb=merged["wandb"],
-                     ray=merged["ray"])
+                     max_failures=merged["max_failures"], storage=_absolute(str(merged["storage"])),
+                     wandb=merged["wandb"],
+                     ray=merged["ray"], report=bool(merged["report"]))
     _check_trials(spec, where)
     return spec
+
+
+def _absolute(storage: str) -> str:
+    """A local storage path made absolute where the sweep is started: the trials' drivers and workers run in Ray
+    actors with other working folders (on a cluster, the head's home: `ray submit`'s runs/sweeps is ~/runs/sweeps)."""
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def load_saved(sweep_dir: Path) -> SweepSpec:

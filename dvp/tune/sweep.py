@@ -11,13 +11,15 @@ Arguments: `sweep=` (a name under sweeps/ or a YAML file); `key=value` under dat
 fixed trial overrides; any other key sets the sweep file's (dvp.tune.spec), e.g. storage=, num_samples=,
 resources.workers=. Everything is checked before Ray starts.
 
-Ray: `ray.address=` (or RAY_ADDRESS) joins an existing cluster; otherwise the sweep starts a private local Ray
-(its own temp folder and ports, never another Ray on the host) and stops it at the end.
+Ray: `ray.address=` (or RAY_ADDRESS) joins an existing cluster (`ray.nodes=N` first waits up to ray.wait_s for N
+live nodes, as cluster/slurm/sweep.sbatch asks); otherwise the sweep starts a private local Ray (its own temp
+folder and ports, never another Ray on the host) and stops it at the end.
 
 Resume: the same command on an interrupted sweep (Ctrl-C, SIGTERM, a crash) continues it: finished trials are
 kept, unfinished ones continue from their last checkpoints. A failed trial does not stop the sweep.
 At the end: `<sweep folder>/best.json` (the best trial: metric, overrides, checkpoint folder, reproduce command),
-a table of the trials, and the command that reproduces the best one.
+a table of the trials, the command that reproduces the best one, and (report: true, the default) dvp-report's
+table and plots in `<sweep folder>/report/`.
 """
 from __future__ import annotations
 
@@ -26,18 +28,21 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+import dvp
 from dvp.cli import run_cli
 from dvp.errors import ConfigError
+from dvp.launch import free_port
 from dvp.logger import replace_atomically
 from dvp.tune.driver import DRIVER_RESOURCE, can_restore, driver_resources, make_tuner, restore_tuner
+from dvp.tune.report import write_report
 from dvp.tune.spec import SweepSpec, load_sweep
 from dvp.tune.trials import best_record, validations
 
@@ -61,6 +66,7 @@ def start_ray(spec: SweepSpec) -> str | None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address, log_to_driver=True)
+        wait_for_nodes(spec.ray["nodes"], spec.ray["wait_s"])
         return None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")        # a stale ~/.ray/auth_token must not turn it on
     temp = tempfile.mkdtemp(prefix="dvp-ray-")                # its own sessions: never another Ray's
@@ -72,10 +78,22 @@ def start_ray(spec: SweepSpec) -> str | None:
     return temp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ray_address() -> str:
+    """The joined Ray cluster's GCS address and its live nodes, for the log."""
+    import ray
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return f"{ray.get_runtime_context().gcs_address} ({len(nodes)} nodes)"
+
+
+def wait_for_nodes(nodes: int, wait_s: float) -> None:
+    """Wait until the joined cluster has `nodes` live nodes (workers still starting), or a ConfigError."""
+    import ray
+    deadline = time.monotonic() + wait_s
+    while (alive := sum(1 for n in ray.nodes() if n.get("Alive"))) < nodes:
+        if time.monotonic() > deadline:
+            raise ConfigError(f"ray.nodes={nodes}: the cluster has {alive} live nodes after {wait_s:g} s; check "
+                              "that every worker node ran `ray start --address=<head>`, or lower ray.nodes")
+        time.sleep(1.0)
 
 
 def check_resources(spec: SweepSpec) -> int:
@@ -131,13 +149,18 @@ def _read_text(uri: str) -> str | None:
 
 def _saved_form(spec: SweepSpec) -> dict[str, Any]:
     """The sweep as sweep.yaml records it (storage made absolute)."""
-    return {**spec.raw, "storage": spec.storage if spec.remote else str(Path(spec.storage).resolve())}
+    return {**spec.raw, "storage": spec.storage}
+
+
+def _what(saved: dict[str, Any]) -> dict[str, Any]:
+    """The sweep without where it runs (`ray`: a requeued Slurm job's head may get another address)."""
+    return {k: v for k, v in saved.items() if k != "ray"}
 
 
 def check_folder(spec: SweepSpec) -> bool:
     """Whether the sweep folder already holds this sweep (a resume); a ConfigError when it holds another."""
     saved = _read_text(f"{spec.sweep_dir}/sweep.yaml")
-    if saved is not None and yaml.safe_load(saved) != _saved_form(spec):
+    if saved is not None and _what(yaml.safe_load(saved)) != _what(_saved_form(spec)):
         raise ConfigError(f"{spec.sweep_dir} holds another sweep (its sweep.yaml differs from this command's); "
                           "rerun that sweep's command to resume it, or give another name= or storage=")
     return saved is not None
@@ -213,6 +236,19 @@ def _table(spec: SweepSpec, rows: list[dict[str, Any]], values: dict[str, tuple[
     return "\n".join(lines)
 
 
+def _report(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
+    """Write the sweep's report (report: true, a local folder) and say where; a failure here costs the sweep
+    nothing (its folder is complete) and is one line."""
+    if not (spec.report and not spec.remote and rows):
+        return f"dvp-report {spec.sweep_dir}"
+    out = Path(spec.sweep_dir) / "report"
+    try:
+        written = write_report(Path(spec.sweep_dir), out)
+    except Exception as e:  # a plot or table failure must not turn a finished sweep into a failed one
+        return f"not written ({type(e).__name__}: {' '.join(str(e).split())[:200]}); dvp-report {spec.sweep_dir}"
+    return f"{out} ({len(written)} files); again: dvp-report {spec.sweep_dir}"
+
+
 # ---- the command --------------------------------------------------------------------------------------------------
 def run_sweep(spec: SweepSpec) -> int:
     """Start or resume the sweep, wait for it, write best.json and print the summary; returns the exit code."""
@@ -225,6 +261,7 @@ def run_sweep(spec: SweepSpec) -> int:
             record_sweep(spec)
         print(f"sweep {spec.name}: {len(spec.arms)} arms x {spec.num_samples} samples, {concurrent} at once, "
               f"folder {spec.sweep_dir}" + (" (resumed)" if resumed else ""), flush=True)
+        print(f"dvp {dvp.__version__} from {Path(dvp.__file__).parent}, Ray cluster {ray_address()}", flush=True)
         tuner = restore_tuner(spec) if resumed and can_restore(spec) else make_tuner(spec, concurrent)
         tuner.fit()
         rows = trials(spec)
@@ -241,7 +278,7 @@ def run_sweep(spec: SweepSpec) -> int:
         _write_text(f"{spec.sweep_dir}/best.json", json.dumps(best, indent=1) + "\n")
         print(f"best: trial {best['trial_id']} {spec.metric} {best['value']:.4f}\n  checkpoint: {best['checkpoint']}"
               f"\n  reproduce: {best['command']}", flush=True)
-    print(f"report: dvp-report {spec.sweep_dir}", flush=True)
+    print(f"report: {_report(spec, rows)}", flush=True)
     if unfinished:
         print(f"interrupted: {len(unfinished)} trials unfinished; run the same command to resume", file=sys.stderr)
         return 130

@@ -1,0 +1,242 @@
+"""Real cluster daemons for the tests marked `cluster`, on this one machine (recipes of
+../shared/docs/cluster-testing.md): a single-node Slurm (munged, slurmctld, slurmd from Debian's slurm-wlm and
+munge) and a private sshd on 127.0.0.1 for Ray's cluster launcher (`local` provider). Each binds to 127.0.0.1 on
+free ports, keeps every file under its own folder, and is stopped by the PIDs it started (never by name); every
+wait is bounded. Needs root (the daemons run as root, munged as the munge user), as in CI.
+
+    with Slurm(base) as slurm:                   # SLURM_CONF in slurm.env; sbatch/squeue through slurm.run
+        job = slurm.sbatch(["cluster/slurm/train.sbatch", ...])
+        slurm.wait_done(job)
+    with Sshd(base) as sshd:                     # ssh root@127.0.0.1 -p sshd.port -i sshd.key
+        ...
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dvp.launch import free_port
+from dvp.tune.ray_stop import terminate
+
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+        "PREEMPTED"}
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def missing(programs: list[str]) -> list[str]:
+    return [p for p in programs if shutil.which(p) is None and not Path(p).exists()]
+
+
+def kill_pid_file(path: Path, timeout: float = 10.0) -> None:
+    """SIGTERM the process whose PID the file holds, SIGKILL after `timeout`."""
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    terminate([pid], timeout)
+
+
+# ---- Slurm ----------------------------------------------------------------------------------------------------
+SLURM_CONF = """\
+ClusterName=dvptest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={base}/munge/munge.socket,cred_expire=10
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/log/slurmctld.log
+SlurmdLogFile={base}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+KillWait=10
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1024 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+SLURM_PROGRAMS = ["/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "sbatch", "squeue", "scontrol"]
+
+
+class Slurm:
+    """A single-node Slurm cluster under `base` (AuthInfo cred_expire=10 shortens the requeue hold)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.env = {**os.environ, "SLURM_CONF": str(base / "slurm.conf")}
+
+    def __enter__(self) -> Slurm:
+        if os.geteuid() != 0:
+            raise AssertionError("the Slurm tests start slurmctld and slurmd as root; run them as root (as CI does)")
+        if gone := missing(SLURM_PROGRAMS):
+            raise AssertionError(f"{', '.join(gone)} not found: apt-get install slurm-wlm munge (.ci/run does)")
+        b = self.base
+        for d in ("state", "spool", "log", "munge"):
+            (b / d).mkdir(parents=True, exist_ok=True)
+        for d in (b.parent, b):                         # the munge user must reach its folder
+            d.chmod(d.stat().st_mode | 0o755)
+        munge = pwd.getpwnam("munge")
+        os.chown(b / "munge", munge.pw_uid, munge.pw_gid)
+        (b / "slurm.conf").write_text(SLURM_CONF.format(
+            host=socket.gethostname().split(".")[0], base=b, cpus=os.cpu_count(), ctld_port=free_port(),
+            slurmd_port=free_port()))
+        try:
+            subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={b}/munge/munge.socket",
+                            f"--pid-file={b}/munge/munged.pid", f"--log-file={b}/munge/munged.log",
+                            f"--seed-file={b}/munge/seed"], check=True, timeout=30)
+            for daemon in ("slurmctld", "slurmd"):
+                subprocess.run([f"/usr/sbin/{daemon}", "-f", str(b / "slurm.conf")], env=self.env, check=True,
+                               timeout=30)
+            wait_for(lambda: self.run(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle", 60, "sinfo idle")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if (self.base / "slurmctld.pid").exists():
+                self.run(["scancel", "--partition=debug"])
+                wait_for(lambda: not self.run(["squeue", "-h"]).stdout.strip(), 60, "an empty queue")
+        finally:
+            for pid_file in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
+                kill_pid_file(self.base / pid_file)
+
+    def run(self, command: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def sbatch(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+        out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env={**self.env, **(env or {})},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as {key: value} (JobState, ExitCode, Restarts, ...); {} once forgotten."""
+        out = self.run(["scontrol", "-o", "show", "job", job_id]).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def state(self, job_id: str) -> str:
+        return self.job(job_id).get("JobState", "")
+
+    def wait_state(self, job_id: str, states: set[str], timeout: float) -> str:
+        return wait_for(lambda: (s := self.state(job_id)) in states and s, timeout,
+                        f"job {job_id} in {sorted(states)}")
+
+    def release(self, job_id: str) -> None:
+        """Start a requeued (PENDING) job now instead of after the requeue hold (cred_expire + 1 s). Not at once:
+        slurmd revoked the job's credential when it was requeued and refuses a credential dated no later than the
+        revocation, in whole seconds (the likely cause of the restarts that ended FAILED without any output, 2
+        of ~10 runs before this wait; none in 5 since); and the node must have finished its previous run."""
+        time.sleep(2)
+        wait_for(lambda: self.run(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle", 60, "the node idle")
+        out = self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        assert out.returncode == 0, out.stderr
+
+    def logs(self, lines: int = 30) -> str:
+        """The last lines of slurmctld's and slurmd's logs (for a failure message)."""
+        text = ""
+        for name in ("slurmctld", "slurmd"):
+            path = self.base / "log" / f"{name}.log"
+            tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+            text += f"\n--- {name}.log\n" + "\n".join(tail)
+        return text
+
+    def wait_done(self, job_id: str, timeout: float) -> dict[str, str]:
+        self.wait_state(job_id, DONE, timeout)
+        return self.job(job_id)
+
+
+# ---- sshd -----------------------------------------------------------------------------------------------------
+SSHD_CONFIG = """\
+ListenAddress 127.0.0.1
+Port {port}
+HostKey {base}/host_ed25519
+PidFile {base}/sshd.pid
+AuthorizedKeysFile {base}/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+SetEnv HOME={home}
+"""
+
+
+class Sshd:
+    """A private sshd on 127.0.0.1:`port` that lets in the key `key` as this user, with HOME=`home`."""
+
+    def __init__(self, base: Path, home: Path) -> None:
+        self.base, self.home = base, home
+        self.port = free_port()
+        self.key = base / "id_ed25519"
+
+    def __enter__(self) -> Sshd:
+        if gone := missing(["/usr/sbin/sshd", "ssh-keygen", "rsync", "nc"]):
+            raise AssertionError(f"{', '.join(gone)} not found: apt-get install openssh-server rsync netcat-openbsd "
+                                 "(.ci/run does)")
+        b = self.base
+        b.mkdir(parents=True, exist_ok=True)
+        for key in (b / "host_ed25519", self.key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+        shutil.copy(f"{self.key}.pub", b / "authorized_keys")
+        (b / "sshd_config").write_text(SSHD_CONFIG.format(port=self.port, base=b, home=self.home))
+        Path("/run/sshd").mkdir(exist_ok=True)          # sshd's privilege-separation folder
+        subprocess.run(["/usr/sbin/sshd", "-f", str(b / "sshd_config")], check=True, timeout=30)
+        wait_for(lambda: (b / "sshd.pid").exists(), 10, "sshd's pid file")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """The listener and its sessions (a client's ControlPersist connection outlives the commands by 10 s)."""
+        try:
+            pid = int((self.base / "sshd.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        terminate([pid, *descendants(pid)])
+
+
+def descendants(pid: int) -> list[int]:
+    """The PIDs of a process's children, their children, ..."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) if entry.name.isdigit() else None
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid is not None:
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
