@@ -28,13 +28,13 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
         "PREEMPTED"}
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = condition()
         if value:
             return value
-        time.sleep(every)
+        time.sleep(1)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 

@@ -180,7 +180,6 @@ def test_ray_up_submit_down_runs_a_sweep_with_the_package_shipped_by_cluster_loc
     (home / "bin/ray").chmod(0o755)
 
     config = yaml.safe_load((ROOT / "cluster/local.yaml").read_text())
-    shipped = (config["file_mounts"], config["rsync_filter"], config["setup_commands"])
     gcs, dashboard, agent = free_port(), free_port(), free_port()
     head_start = config["head_start_ray_commands"]
     assert "--port=6379" in head_start[1]
@@ -221,7 +220,9 @@ def test_ray_up_submit_down_runs_a_sweep_with_the_package_shipped_by_cluster_loc
     # the package came from the YAML's file_mounts + setup_commands, on the head
     assert (home / "dvp-src/dvp/loop.py").read_bytes() == (ROOT / "dvp/loop.py").read_bytes()
     assert f"from {home}/dvp-src/dvp," in out, out[-6000:]
-    assert shipped == (config["file_mounts"], config["rsync_filter"], config["setup_commands"])
+    used, ours = (yaml.safe_load(p.read_text()) for p in (base / "cluster.yaml", ROOT / "cluster/local.yaml"))
+    for key in ("file_mounts", "rsync_filter", "setup_commands"):     # shipped exactly as the YAML ships it
+        assert used[key] == ours[key], key
     # the sweep's results and report, where its storage (runs/sweeps, relative to the head's home) says
     folder = home / "runs/sweeps/digits_smoke"
     rows = list(csv.DictReader((folder / "report/trials.csv").open()))

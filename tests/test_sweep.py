@@ -20,13 +20,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from PIL import Image
 
+from clusters import wait_for
 from dvp.checkpoint import load_checkpoint
 from dvp.launch import free_port
 from dvp.logger import read_metrics
@@ -104,16 +105,6 @@ def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def tune_trials(sweep_dir: Path) -> dict[str, Any]:

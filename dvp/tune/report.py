@@ -258,8 +258,8 @@ def report_cli(argv: list[str]) -> int:
     check_output_dir(o.out, "out")
     to_wandb = o.wandb if o.wandb is not None else spec.wandb["mode"] == "online"
     if to_wandb:
-        from dvp.tune.wandb_report import check_ready
-        check_ready(spec)
+        from dvp.tune import wandb_report        # wandb and wandb-workspaces load only for a report that needs them
+        wandb_report.check_ready(spec)
     failed = 0
     if o.eval:
         o.out.mkdir(parents=True, exist_ok=True)
@@ -269,8 +269,7 @@ def report_cli(argv: list[str]) -> int:
     print(markdown_table(spec, rows))
     print("\n".join(["", "written:", *(f"  {p}" for p in written.values())]), flush=True)
     if to_wandb:
-        from dvp.tune.wandb_report import publish
-        url, runs = publish(spec, rows, markdown_body(spec, o.sweep_dir, rows), o.out)
+        url, runs = wandb_report.publish(spec, rows, markdown_body(spec, o.sweep_dir, rows), o.out)
         print(f"wandb report ({runs} of {len(rows)} trials' runs): {url}")
     return 1 if failed else 0
 

@@ -78,18 +78,22 @@ def start_ray(spec: SweepSpec) -> str | None:
     return temp
 
 
+def live_nodes() -> list[dict[str, Any]]:
+    """The live nodes of the joined Ray cluster (ray.nodes() also lists dead ones)."""
+    import ray
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
 def ray_address() -> str:
     """The joined Ray cluster's GCS address and its live nodes, for the log."""
     import ray
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return f"{ray.get_runtime_context().gcs_address} ({len(nodes)} nodes)"
+    return f"{ray.get_runtime_context().gcs_address} ({len(live_nodes())} nodes)"
 
 
 def wait_for_nodes(nodes: int, wait_s: float) -> None:
     """Wait until the joined cluster has `nodes` live nodes (workers still starting), or a ConfigError."""
-    import ray
     deadline = time.monotonic() + wait_s
-    while (alive := sum(1 for n in ray.nodes() if n.get("Alive"))) < nodes:
+    while (alive := len(live_nodes())) < nodes:
         if time.monotonic() > deadline:
             raise ConfigError(f"ray.nodes={nodes}: the cluster has {alive} live nodes after {wait_s:g} s; check "
                               "that every worker node ran `ray start --address=<head>`, or lower ray.nodes")
@@ -100,7 +104,7 @@ def check_resources(spec: SweepSpec) -> int:
     """Refuse a trial the cluster can never hold (when resources.check); returns how many trials run at once."""
     import ray
     total = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = [n["Resources"] for n in live_nodes()]
     r = spec.resources
     need_cpu = r.workers[0] * r.cpus_per_worker + driver_resources(total).get("CPU", 0.0)
     need_gpu = r.workers[0] * r.gpus_per_worker
@@ -148,7 +152,7 @@ def _read_text(uri: str) -> str | None:
 
 
 def _saved_form(spec: SweepSpec) -> dict[str, Any]:
-    """The sweep as sweep.yaml records it (storage made absolute)."""
+    """The sweep as sweep.yaml records it (storage absolute, as load_sweep made it)."""
     return {**spec.raw, "storage": spec.storage}
 
 
