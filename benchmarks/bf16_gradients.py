@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from dvp.checkpoint import load_checkpoint
-from dvp.config import from_dict
-from dvp.data import load_data, model_inputs
-from dvp.engines import make_engine
-from dvp.launch import detect, init
-from dvp.model import HierarchicalVAE, build_model
-from dvp.noise import Noise
-from dvp.objectives import elbo_stats
+from dvp.core.config import from_dict
+from dvp.data.batches import model_inputs
+from dvp.data.datasets import load_data
+from dvp.dist.context import init
+from dvp.dist.launch import detect
+from dvp.dist.noise import Noise
+from dvp.model.objectives import elbo_stats
+from dvp.model.vae import HierarchicalVAE, build_model
+from dvp.train.checkpoint import load_checkpoint
+from dvp.train.engines import make_engine
 
 BATCH = 250
 

@@ -9,7 +9,7 @@ the DeepSpeed engine's overhead in one process, and 2-rank against 1-rank `dvp-e
 Every training case runs in its own process group: `torchrun --nproc_per_node 2` (OMP_NUM_THREADS=1 and
 `torch.set_num_threads(1)` per rank) or one plain process, re-invoking this file as `--worker SPEC.json`; each rank
 writes one JSON of its measurements, which the parent merges. Every case builds the model with
-`dvp.loop.prepare`, the engine with `make_engine` (dvp.engines; the same code as `dvp-train`), and steps it on the
+`dvp.train.loop.prepare`, the engine with `make_engine` (dvp.train.engines; the same code as `dvp-train`), and steps it on the
 same fixed global batches (every rank gets the whole batch; the engine takes its rows): `--warmup` untimed
 steps, `--steps` timed ones (median s/step; img/s = global batch / median), then one extra step in which the
 memory held is measured. A case that fails records its error and traceback in the JSON, and the rest go on.
@@ -181,11 +181,12 @@ def theory(param_count: int, stage: int | None, world: int) -> dict[str, float]:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Build and step one case on this rank; returns its measurements."""
     torch.set_num_threads(spec["threads"])
-    torch.set_flush_denormal(True)       # as dvp.loop.train does
-    from dvp.config import compose
-    from dvp.engines import make_engine
-    from dvp.launch import detect, init
-    from dvp.loop import lr_at, prepare
+    torch.set_flush_denormal(True)       # as dvp.train.loop.train does
+    from dvp.core.config import compose
+    from dvp.dist.context import init
+    from dvp.dist.launch import detect
+    from dvp.train.engines import make_engine
+    from dvp.train.loop import lr_at, prepare
     ctx = init(detect(os.environ))
     try:
         rss_base = rss_now_mib()

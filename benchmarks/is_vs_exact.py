@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_model import X_TINY, _exact_log_px, _tiny  # noqa: E402
 
-from dvp.objectives import importance_sampled_nll  # noqa: E402
+from dvp.model.objectives import importance_sampled_nll  # noqa: E402
 
 
 def main() -> None:

@@ -21,4 +21,4 @@ for m in dvp_vae ladder; do   # test -ELBO on all 10,000 test images, IS-NLL (K=
   dvp-eval run_dir="$runs/$m" train.precision=fp32 eval.is_samples=100 eval.is_chunk=50 eval.batch_size=20 \
     eval.max_images=1000 out="$out/${m}_isnll_k100_1k.json"
 done
-python -m dvp.curves "$out/val_nelbo.png" DVP-VAE="$runs/dvp_vae" Ladder="$runs/ladder"
+python -m dvp.cli.curves "$out/val_nelbo.png" DVP-VAE="$runs/dvp_vae" Ladder="$runs/ladder"

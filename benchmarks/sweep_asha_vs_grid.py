@@ -28,14 +28,14 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from dvp.logger import read_metrics  # noqa: E402
+from dvp.train.logger import read_metrics  # noqa: E402
 from dvp.tune.spec import load_sweep  # noqa: E402
 
 
 def run(sweep: str, scheduler: list[str], storage: Path, extra: list[str]) -> dict[str, Any]:
     """One sweep; its wall time and, per trial, the best metric, epochs and steps trained, stopped early."""
     start = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "dvp.tune.sweep", f"sweep={sweep}", f"storage={storage}",
+    res = subprocess.run([sys.executable, "-m", "dvp.cli.sweep", f"sweep={sweep}", f"storage={storage}",
                           *scheduler, *extra], capture_output=True, text=True)
     wall = time.monotonic() - start
     spec = load_sweep(sweep, [*scheduler, *extra, f"storage={storage}"])

@@ -1,7 +1,8 @@
 """Training throughput of the MNIST DVP-VAE (`experiment=mnist/dvp_vae`, batch 250) under several engine settings.
 
     python benchmarks/train_throughput.py --data-root /work/shared/data          # ~10 min on 2 CPU cores
-    python benchmarks/train_throughput.py --steps 2 --warmup 1 --settings fp32_eager bf16   # a quick check
+    python benchmarks/train_throughput.py --steps 2 --warmup 1 --settings fp32_eager bf16 --matmul-size 256 \
+        --out /tmp/train_throughput.json                                       # a quick check
 
 Every setting runs in its own subprocess (`--setting NAME --child`, which prints one JSON line), so peak memory
 is per setting. All settings start from the same initialisation (train.seed), see the same batches (real MNIST
@@ -14,11 +15,12 @@ Inductor's own generator, so compiled settings see different z/u/t noise: their 
 noise.)
 
 The parent also measures the model FLOPs of one training step per image (forward + backward, fp32 eager,
-`torch.utils.flop_counter`) and this machine's dense matmul peak (4096^2 bf16 and fp32 `torch.matmul`, best of
-a few), and reports GFLOP/s achieved and its fraction of the bf16 peak. One extra profiled step per setting
-gives the seconds spent inside the convolutions (`conv_s_per_step`): their share of the step, and the speedup
-over fp32_eager that the setting would reach if everything but its convolutions cost nothing (`ceiling_speedup`).
-Results go to `--out` as JSON.
+`torch.utils.flop_counter`) and this machine's dense matmul peak (n x n bf16 and fp32 `torch.matmul`, n =
+`--matmul-size`, default 4096, best of a few; a CPU without native bf16 takes minutes per 4096^2 bf16 product,
+the quick check's 256 seconds), and reports GFLOP/s achieved and its fraction of the bf16 peak. One extra
+profiled step per setting gives the seconds spent inside the convolutions (`conv_s_per_step`): their share of
+the step, and the speedup over fp32_eager that the setting would reach if everything but its convolutions cost
+nothing (`ceiling_speedup`). Results go to `--out` as JSON.
 """
 from __future__ import annotations
 
@@ -35,14 +37,16 @@ from typing import Any
 
 import torch
 
-from dvp.blocks import Float32Conv2d
-from dvp.config import compose
-from dvp.data import load_data
-from dvp.engine import TorchEngine
-from dvp.launch import detect, init
-from dvp.loop import lr_at
-from dvp.model import HierarchicalVAE, build_model
-from dvp.objectives import elbo_stats
+from dvp.core.config import compose
+from dvp.data.batches import model_inputs
+from dvp.data.datasets import load_data
+from dvp.dist.context import init
+from dvp.dist.launch import detect
+from dvp.model.blocks import Float32Conv2d
+from dvp.model.objectives import elbo_stats
+from dvp.model.vae import HierarchicalVAE, build_model
+from dvp.train.engine_torch import TorchEngine
+from dvp.train.loop import lr_at
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "fp32_eager": {"precision": "fp32", "channels_last": False, "compile": False},
@@ -138,9 +142,10 @@ def flops_per_image(args: argparse.Namespace) -> float:
     cfg = config(BASELINE, args.seed)
     train = images(args.data_root, args.seed)
     model = model_for(cfg, train).train()
-    x, x_target = batches(train, 1, args.seed)[0]
+    torch.manual_seed(args.seed)
+    x_enc, x_target = model_inputs(batches(train, 1, args.seed)[0], cfg.data.binarize, cfg.data.encoder_sees)
     with FlopCounterMode(display=False) as counter:
-        elbo_stats(model(x, x_target), (1, 28, 28))["loss"].backward()
+        elbo_stats(model(x_enc, x_target), (1, 28, 28))["loss"].backward()
     return counter.get_total_flops() / BATCH
 
 
@@ -199,6 +204,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--data-root", default=None, help="directory with mnist.npz (default: random grey images)")
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n matmuls timed for the peak")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     p.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -212,7 +218,8 @@ def main() -> None:
           f"{args.warmup} warm-up + {args.steps} timed steps, data: {args.data_root or 'random'}", flush=True)
     results = [run_setting(s, args) for s in args.settings]   # first: a child inherits the parent's peak RSS
     flops = flops_per_image(args)
-    peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    peak = {"bf16": matmul_peak(torch.bfloat16, args.matmul_size),
+            "fp32": matmul_peak(torch.float32, args.matmul_size)}
     print(f"  {flops / 1e9:.3f} GFLOP per image per training step; matmul peak bf16 {peak['bf16']:.2f}, "
           f"fp32 {peak['fp32']:.2f} TFLOP/s", flush=True)
     base = next((r for r in results if r["setting"] == BASELINE), None)
@@ -227,7 +234,8 @@ def main() -> None:
     out = {"experiment": "mnist/dvp_vae", "batch_size": BATCH, "torch": torch.__version__,
            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "data": args.data_root or "random", "seed": args.seed, "warmup_steps": args.warmup,
-           "timed_steps": args.steps, "flops_per_image": flops, "matmul_peak_tflops": peak, "results": results}
+           "timed_steps": args.steps, "flops_per_image": flops, "matmul_size": args.matmul_size,
+           "matmul_peak_tflops": peak, "results": results}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

@@ -6,7 +6,7 @@ node, as cluster/*.yaml do through file_mounts and setup_commands).
 """
 import sys
 
-from dvp.tune.sweep import main
+from dvp.cli.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ EVENT, on rank RANK when optimizer step STEP (0-based) starts:
     save    SIGKILL this rank right after DeepSpeed wrote the shards of the checkpoint at step STEP (shards and
             their `latest` on disk, last.pt not yet replaced)
     none    nothing
-The rank is read from the launcher's variables (RANK or OMPI_COMM_WORLD_RANK), as dvp.launch does.
+The rank is read from the launcher's variables (RANK or OMPI_COMM_WORLD_RANK), as dvp.dist.launch does.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import signal
 import sys
 from typing import Any
 
-import dvp.engine
-import dvp.engine_deepspeed
-import dvp.train
+import dvp.cli.train
+import dvp.train.engine_deepspeed
+import dvp.train.engine_torch
 
 EVENT, RANK, STEP = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 MY_RANK = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
@@ -61,11 +61,11 @@ def _save_native(original: Any) -> Any:
     return save
 
 
-dvp.engine_deepspeed.DeepSpeedEngine.save_native = _save_native(dvp.engine_deepspeed.DeepSpeedEngine.save_native)
-for module in (dvp.engine, dvp.engine_deepspeed):
+dvp.train.engine_deepspeed.DeepSpeedEngine.save_native = _save_native(dvp.train.engine_deepspeed.DeepSpeedEngine.save_native)
+for module in (dvp.train.engine_torch, dvp.train.engine_deepspeed):
     module.elbo_stats = _elbo_stats(module.elbo_stats)
-for cls in (dvp.engine.TorchEngine, dvp.engine_deepspeed.DeepSpeedEngine):
+for cls in (dvp.train.engine_torch.TorchEngine, dvp.train.engine_deepspeed.DeepSpeedEngine):
     cls.step = _step(cls.step)
 
 if __name__ == "__main__":
-    sys.exit(dvp.train.main(sys.argv[4:]))
+    sys.exit(dvp.cli.train.main(sys.argv[4:]))

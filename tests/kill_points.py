@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-import dvp.evaluate
-import dvp.loop
-import dvp.train
-from dvp.logger import RunLogger
+import dvp.cli.train
+import dvp.evaluate.sharded
+import dvp.train.loop
+from dvp.train.logger import RunLogger
 
 
 def _kill() -> None:
@@ -94,15 +94,15 @@ def main() -> int:
         RunLogger.log_eval = _on_nth(n, RunLogger.log_eval, before=False,
                                      when=lambda self, step, epoch, split, metrics: split == "val")
     elif point == "after_best":
-        dvp.loop.save_checkpoint = _on_nth(n, dvp.loop.save_checkpoint, before=False,
+        dvp.train.loop.save_checkpoint = _on_nth(n, dvp.train.loop.save_checkpoint, before=False,
                                            when=lambda path, state: path.name == "best.pt")
     elif point == "term_val":
-        dvp.loop.evaluate_elbo = _sigterm_on_nth(n, dvp.loop.evaluate_elbo)
+        dvp.train.loop.evaluate_elbo = _sigterm_on_nth(n, dvp.train.loop.evaluate_elbo)
     elif point == "final_eval":
-        dvp.evaluate.importance_sampled_nll = _on_nth(n, dvp.evaluate.importance_sampled_nll, before=True)
+        dvp.evaluate.sharded.importance_sampled_nll = _on_nth(n, dvp.evaluate.sharded.importance_sampled_nll, before=True)
     else:
         raise SystemExit(f"unknown kill point {point!r}")
-    return dvp.train.main(argv)
+    return dvp.cli.train.main(argv)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,16 @@ from typing import Callable
 import pytest
 import torch
 
-import dvp.evaluate
-import dvp.info
-import dvp.sample
-import dvp.train
-from dvp.checkpoint import save_checkpoint
+import dvp.cli.eval
+import dvp.cli.info
+import dvp.cli.sample
+import dvp.cli.train
+from dvp.train.checkpoint import save_checkpoint
 
 RUN_ARGS = ["train.max_steps=20", "train.batch_size=64", "wandb.mode=disabled", "eval.is_samples=4",
             "eval.is_chunk=4", "eval.max_images=20"]
-MAINS: dict[str, Callable[[list[str]], int]] = {"train": dvp.train.main, "eval": dvp.evaluate.main,
-                                                "sample": dvp.sample.main, "info": dvp.info.main}
+MAINS: dict[str, Callable[[list[str]], int]] = {"train": dvp.cli.train.main, "eval": dvp.cli.eval.main,
+                                                "sample": dvp.cli.sample.main, "info": dvp.cli.info.main}
 MODULES = {"train": "dvp.train", "eval": "dvp.evaluate", "sample": "dvp.sample", "info": "dvp.info"}
 FORBIDDEN = ("Traceback", "could run code", "refused", "pickle")
 """Never printed for these inputs: none is a pickle or a file that would run code."""
@@ -264,7 +264,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bad_inputs")
     threads = torch.get_num_threads()
     try:   # one thread: two threads on a shared 2-core machine run several times slower
-        assert dvp.train.main([*RUN_ARGS, "train.num_threads=1", f"run_dir={root / 'run'}"]) == 0
+        assert dvp.cli.train.main([*RUN_ARGS, "train.num_threads=1", f"run_dir={root / 'run'}"]) == 0
     finally:
         torch.set_num_threads(threads)
     _write_inputs(root / "inputs", root / "run" / "checkpoints" / "last.pt")

@@ -13,12 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from dvp.checkpoint import (check_weights_match, load_checkpoint, remove_stale_temporaries,
-                            save_checkpoint)
-from dvp.config import compose
-from dvp.data import load_data
-from dvp.errors import CheckpointError, DataError
-from dvp.model import build_model
+from dvp.core.config import compose
+from dvp.core.errors import CheckpointError, DataError
+from dvp.data.datasets import load_data
+from dvp.model.vae import build_model
+from dvp.train.checkpoint import (
+    check_weights_match,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 
 IMAGE_SHAPE = (1, 8, 8)
 

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-
 from clusters import Slurm, Sshd, wait_for
-from dvp.checkpoint import load_checkpoint
-from dvp.launch import free_port
-from dvp.logger import read_metrics
+
+from dvp.dist.context import free_port
+from dvp.train.checkpoint import load_checkpoint
+from dvp.train.logger import read_metrics
 from dvp.tune.ray_stop import ray_processes, stop_ray
 
 pytestmark = pytest.mark.cluster
@@ -218,7 +218,8 @@ def test_ray_up_submit_down_runs_a_sweep_with_the_package_shipped_by_cluster_loc
     assert down.returncode == 0, (down.stdout + down.stderr)[-4000:]
 
     # the package came from the YAML's file_mounts + setup_commands, on the head
-    assert (home / "dvp-src/dvp/loop.py").read_bytes() == (ROOT / "dvp/loop.py").read_bytes()
+    for shipped in ("dvp/train/loop.py", "dvp/data/batches.py"):           # every layer folder, dvp/data too
+        assert (home / "dvp-src" / shipped).read_bytes() == (ROOT / shipped).read_bytes(), shipped
     assert f"from {home}/dvp-src/dvp," in out, out[-6000:]
     used, ours = (yaml.safe_load(p.read_text()) for p in (base / "cluster.yaml", ROOT / "cluster/local.yaml"))
     for key in ("file_mounts", "rsync_filter", "setup_commands"):     # shipped exactly as the YAML ships it

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from dvp.config import ConfigError, compose, experiments, from_dict, to_dict
+from dvp.core.config import compose, experiments, from_dict, to_dict
+from dvp.core.errors import ConfigError
 
 
 def test_defaults_compose_and_experiments_merge_on_top() -> None:
@@ -65,7 +66,7 @@ def test_cli_bad_key_exits_2_with_one_line() -> None:
 def test_every_numeric_key_has_a_range_and_every_nullable_key_a_type() -> None:
     from omegaconf import OmegaConf
 
-    from dvp.config import CHOICES, CONFIG_DIR, NULLABLE, RANGES, _leaves
+    from dvp.core.config import CHOICES, CONFIG_DIR, NULLABLE, RANGES, _leaves
     defaults = dict(_leaves(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "defaults.yaml"))))
     numeric = {k for k, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     numeric |= {k for k, t in NULLABLE.items() if t in (int, float)}

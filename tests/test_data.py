@@ -14,8 +14,10 @@ import torch
 import torchvision
 from torch.utils.data import random_split
 
-from dvp.data import BatchIterator, DataError, DataSplits, dynamic_binarize, load_data
-from dvp.noise import Noise
+from dvp.core.errors import DataError
+from dvp.data.batches import BatchIterator, dynamic_binarize
+from dvp.data.datasets import DataSplits, load_data
+from dvp.dist.noise import Noise
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
@@ -128,6 +130,14 @@ def test_digits_default_split_and_range() -> None:
     original = torch.from_numpy(load_digits().images).float().div(16).mul(2).sub(1).flatten(1)
     together = torch.cat([splits.train, splits.val, splits.test]).flatten(1)
     assert torch.equal(_sorted_rows(together), _sorted_rows(original))
+
+
+def test_digits_read_without_sklearn_are_load_digits_exactly() -> None:
+    from sklearn.datasets import load_digits
+
+    from dvp.data.datasets import _digits_images
+    ours, theirs = _digits_images(), load_digits().images
+    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
 
 
 def _sorted_rows(x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dvp.diffusion import DiffusionPrior, LinearLogSNRSchedule, alpha_sigma
-from dvp.unet import UNet
+from dvp.model.diffusion import DiffusionPrior, LinearLogSNRSchedule, alpha_sigma
+from dvp.model.unet import UNet
 
 SHAPE = (1, 4, 4)
 D = 16  # dim(u) for SHAPE

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from dvp.config import compose
-from dvp.evaluate import (ImageProgress, _is_nll_sum, evaluate_elbo, evaluate_test, is_nll_cost,
-                          progress_line)
-from dvp.loop import prepare
-from dvp.objectives import active_units
+from dvp.core.config import compose
+from dvp.evaluate.progress import ImageProgress, is_nll_cost, progress_line
+from dvp.evaluate.sharded import _is_nll_sum, evaluate_elbo, evaluate_test
+from dvp.model.objectives import active_units
+from dvp.train.loop import prepare
 
 TINY = ["model.num_ch=16", "model.diffusion.T=5", "eval.is_samples=4", "eval.is_chunk=4",
         "eval.max_images=20", "wandb.mode=disabled"]

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dvp.errors import ConfigError
-from dvp.launch import LAUNCHERS, LaunchEnv, detect, expand_hostlist, init
+from dvp.core.errors import ConfigError
+from dvp.dist.context import init
+from dvp.dist.launch import LAUNCHERS, LaunchEnv, detect, expand_hostlist
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_", "CROSS_", "RAY_")
@@ -210,7 +211,8 @@ def test_rendezvous_on_a_taken_port_or_without_rank_0_is_a_config_error(restored
 
 WORKER = """
 import json, os, torch, torch.distributed as dist
-from dvp.launch import detect, init
+from dvp.dist.context import init
+from dvp.dist.launch import detect
 env = detect(os.environ)
 ctx = init(env, timeout_s=60)
 total = ctx.all_reduce_sum(torch.tensor([ctx.rank + 1.0])).item()
@@ -279,8 +281,9 @@ def test_two_processes_on_gloo(variables, launcher: str, tmp_path: Path) -> None
 
 LONELY = """
 import os
-from dvp.errors import ConfigError
-from dvp.launch import detect, init
+from dvp.core.errors import ConfigError
+from dvp.dist.context import init
+from dvp.dist.launch import detect
 try:
     init(detect(os.environ), timeout_s=5)
 except ConfigError as exc:

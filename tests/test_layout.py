@@ -1,8 +1,12 @@
-"""The package's import graph has no cycle, and the error types are a leaf (dvp.errors imports no dvp module)."""
+"""The package's import graph has no cycle, the error types are a leaf (dvp.core.errors imports no dvp module), and
+every module imports only the layers its folder's __init__ allows ("Imports: ..."), so data flows one way."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dvp"
 
@@ -47,9 +51,57 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_and_errors_is_a_leaf() -> None:
     graph = _imports()
-    assert "dvp.errors" in graph and graph["dvp.errors"] == set()
+    assert "dvp.core.errors" in graph and graph["dvp.core.errors"] == set()
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+ENTRY_POINTS = {"dvp.train.__main__", "dvp.evaluate.__main__", "dvp.sample", "dvp.info"}
+"""`python -m dvp.<command>` under the names the README documents: each only calls dvp.cli.<command>.main."""
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def _allowed(layer: str) -> set[str] | None:
+    """The layers `layer` may import, from the 'Imports:' line of its __init__ docstring (None: any)."""
+    doc = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text())) or ""
+    line = re.search(r"^Imports: (.*)$", doc, re.M)
+    assert line, f"dvp/{layer}/__init__.py says nothing of what it may import (an 'Imports: ...' line)"
+    if line[1].startswith("any layer"):
+        return None
+    return {layer} | set(re.findall(r"dvp\.(\w+)", line[1]))
+
+
+def _violations(graph: dict[str, set[str]]) -> list[str]:
+    layers = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    bad = []
+    for module, imported in sorted(graph.items()):
+        if module in ENTRY_POINTS or module == "dvp":      # the root holds only __version__
+            continue
+        layer = _layer(module)
+        assert layer in layers, f"{module} lies outside every layer folder"
+        allowed = _allowed(layer)
+        bad += [f"{module} imports {dep}" for dep in sorted(imported)
+                if allowed is not None and dep != "dvp" and _layer(dep) not in allowed]
+    return bad
+
+
+def test_every_module_imports_only_the_layers_its_folder_allows() -> None:
+    assert _violations(_imports()) == []
+
+
+def test_entry_points_only_forward_to_the_commands() -> None:
+    graph = _imports()
+    for module in ENTRY_POINTS:
+        assert {_layer(d) for d in graph[module]} == {"cli"}, module
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    with pytest.raises(AssertionError):
+        assert _violations({"dvp.model.vae": {"dvp.train.loop"}}) == []
+    assert _violations({"dvp.train.loop": {"dvp.model.vae"}}) == []

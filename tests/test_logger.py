@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
-from dvp.curves import compare_curves, plot_curves
-from dvp.logger import RunLogger, read_metrics, replace_atomically, save_grid
+from dvp.core.paths import replace_atomically
+from dvp.train.curves import compare_curves, plot_curves
+from dvp.train.logger import RunLogger, read_metrics, save_grid
 
 
 @pytest.fixture(autouse=True)

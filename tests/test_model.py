@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from dvp.blocks import Float32Conv2d
-from dvp.config import DATASET_SHAPES, compose
-from dvp.model import HierarchicalVAE, build_model, gaussian_kl, gaussian_log_prob, parameter_counts
-from dvp.objectives import active_units, elbo_stats, importance_sampled_nll
-from dvp.pseudo_input import PseudoInput, dct_matrix
+from dvp.core.config import DATASET_SHAPES, compose
+from dvp.model.blocks import Float32Conv2d
+from dvp.model.objectives import active_units, elbo_stats, importance_sampled_nll
+from dvp.model.pseudo_input import PseudoInput, dct_matrix
+from dvp.model.vae import HierarchicalVAE, build_model, gaussian_kl, gaussian_log_prob, parameter_counts
 
 # The spec's counts of the authors' released configs (spec §2), which the issue asks to match within 2%. Ours are
 # these minus the last layer's unused z_up conv (latent_width*num_ch + num_ch parameters), which nothing reads.
@@ -239,7 +239,7 @@ def test_u_term_is_log_q_minus_the_diffusion_bound() -> None:
 
 
 def test_discretised_logistic_mixture_sums_to_one_over_the_256_levels() -> None:
-    from dvp.likelihoods import LogisticMixture
+    from dvp.model.likelihoods import LogisticMixture
     lik = LogisticMixture(1, 5)
     torch.manual_seed(0)
     params = (torch.randn(1, lik.out_channels, 1, 1) * 2).expand(256, -1, -1, -1)
@@ -288,7 +288,7 @@ def test_float32_entry_conv_keeps_the_gradient_of_offset_channels() -> None:
     conv rounds the input to a spacing of 2^-7 and loses the variation that the weight gradient is made of when
     the loss ignores the offset; the float32 conv keeps it. Every 1x1 conv that reads a residual stream (a block's
     entry and skip) is float32."""
-    from dvp.blocks import DecoderResBlock, EncoderResBlock
+    from dvp.model.blocks import DecoderResBlock, EncoderResBlock
     torch.manual_seed(0)
     head = Float32Conv2d(16, 8, 1)
     plain = torch.nn.Conv2d(16, 8, 1)

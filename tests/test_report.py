@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dvp.tune.report import OPTIONS, eval_command, main, to_evaluate
-from dvp.tune.trials import validations
+from dvp.cli.report import OPTIONS, main
+from dvp.tune.report import eval_command, to_evaluate
 from dvp.tune.spec import find_sweep
+from dvp.tune.trials import validations
 
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

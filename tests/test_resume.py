@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dvp.checkpoint import load_checkpoint
+from dvp.train.checkpoint import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
 RUN = ["train.batch_size=64", "train.max_epochs=2", "train.ckpt_every=5", "train.log_every=5",
-       "wandb.mode=disabled", "eval.is_samples=4", "eval.is_chunk=4", "eval.max_images=20", "model.num_ch=16"]
+       "wandb.mode=disabled", "eval.is_samples=4", "eval.is_chunk=4", "eval.max_images=20", "model.num_ch=16",
+       "model.enc_blocks_per_scale=1", "model.diffusion.num_res_blocks=1"]   # the smallest model of every code path
 TIMING = {"time", "images_per_s", "sample_seconds_per_image", "checkpoint"}
 
 

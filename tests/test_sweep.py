@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from PIL import Image
-
 from clusters import wait_for
-from dvp.checkpoint import load_checkpoint
-from dvp.launch import free_port
-from dvp.logger import read_metrics
+from PIL import Image
 from wandb_records import history, records
+
+from dvp.dist.context import free_port
+from dvp.train.checkpoint import load_checkpoint
+from dvp.train.logger import read_metrics
 
 pytestmark = pytest.mark.sweep
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +52,11 @@ def sweep_yaml(tmp_path: Path, name: str, **changes: Any) -> Path:
 
 
 class Sweep:
-    """`python -m dvp.tune.sweep sweep=FILE storage=DIR` in a subprocess with a private, short TMPDIR (Ray's
+    """`python -m dvp.cli.sweep sweep=FILE storage=DIR` in a subprocess with a private, short TMPDIR (Ray's
     sockets live under it; a path over 107 characters breaks them), which also marks this sweep's processes."""
 
     def __init__(self, path: Path, storage: Path) -> None:
-        self.cmd = [sys.executable, "-m", "dvp.tune.sweep", f"sweep={path}", f"storage={storage}"]
+        self.cmd = [sys.executable, "-m", "dvp.cli.sweep", f"sweep={path}", f"storage={storage}"]
         self.tmp = tempfile.mkdtemp(prefix="dvpt-", dir="/tmp")
         self.env = {**{k: v for k, v in os.environ.items() if k != "WANDB_DIR"},   # runs go to trial folders
                     "TMPDIR": self.tmp, "PYTHONUNBUFFERED": "1", "WANDB_CONFIG_DIR": self.tmp,
@@ -184,7 +184,7 @@ def test_sweep_asha_report_wandb_and_reproduce(tmp_path: Path) -> None:
     assert res.returncode == 0 and Image.open(tmp_path / "best.png").size[0] >= 512, res.stderr[-2000:]
 
     # the report's test evaluation of the finished trials, sharded over 2 processes, lands in its table
-    res = subprocess.run([sys.executable, "-m", "dvp.tune.report", str(sweep_dir), "eval=true", "eval.is_samples=4",
+    res = subprocess.run([sys.executable, "-m", "dvp.cli.report", str(sweep_dir), "eval=true", "eval.is_samples=4",
                           "eval.max_images=16", "workers=2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     with open(sweep_dir / "report" / "trials.csv") as f:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvp.config import compose
-from dvp.errors import ConfigError
+from dvp.cli.sweep import main
+from dvp.core.config import compose
+from dvp.core.errors import ConfigError
 from dvp.tune.spec import find_sweep, load_sweep
-from dvp.tune.sweep import main
 
 BASE = {
     "experiments": {"digits/dvp_vae": {"model.ctx_size": [2, 4]}, "digits/vampprior": {"model.num_pseudo": [5]}},

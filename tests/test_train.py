@@ -12,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dvp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dvp.config import compose
-from dvp.engine import TorchEngine
-from dvp.launch import detect, init
-from dvp.loop import TrainingStopped, lr_at, prepare, train
-from dvp.model import build_model
+from dvp.core.config import compose
+from dvp.core.errors import CheckpointError, TrainingStopped
+from dvp.dist.context import init
+from dvp.dist.launch import detect
+from dvp.model.vae import build_model
+from dvp.train.checkpoint import load_checkpoint, save_checkpoint
+from dvp.train.engine_torch import TorchEngine
+from dvp.train.loop import lr_at, prepare, train
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 SMALL = ["train.batch_size=64", "train.ckpt_every=0", "train.final_eval=false", "wandb.mode=disabled",
@@ -191,7 +193,7 @@ def test_a_long_run_of_skipped_steps_stops_with_advice(tmp_path: Path) -> None:
 def test_short_training_on_real_mnist_lowers_the_test_nelbo(tmp_path: Path, precision: str) -> None:
     """bf16 is `slow`: on a CPU without avx512_bf16 (some of CI's machines) bf16 convolutions are emulated and this
     test takes 12-15 minutes instead of under two."""
-    from dvp.evaluate import evaluate_elbo
+    from dvp.evaluate.sharded import evaluate_elbo
     over = ["experiment=mnist/dvp_vae", f"data.root={MNIST.parent}", "train.batch_size=100", "train.max_steps=60",
             "train.warmup_epochs=0", "train.ema=0.0", f"train.precision={precision}",
             f"run_dir={tmp_path}"] + SMALL[1:]

@@ -22,11 +22,11 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-
-from dvp.tune import trials
-from dvp.tune.report import main
-from dvp.tune.spec import find_sweep
 from test_report import _error
+
+from dvp.cli.report import main
+from dvp.tune import trials
+from dvp.tune.spec import find_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.PydanticDeprecatedSince20")   # wandb_workspaces' own
 ENTITY, PROJECT, NAME = "dvp-team", "dvp-test", "wr_sweep"

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dvp.errors import ConfigError
+from dvp.core.errors import ConfigError
 from dvp.tune.spec import SCHEDULERS, SEARCHERS, SweepSpec
 from dvp.tune.worker import train_worker
 

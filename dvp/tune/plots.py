@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from dvp.curves import save_figure
+from dvp.train.curves import save_figure
 from dvp.tune.spec import SweepSpec
 from dvp.tune.trials import PSEUDO_KEYS, axes, best_row, cell_text, validations
+
 
 # ---- figures ---------------------------------------------------------------------------------------------------------
 def _metric_label(spec: SweepSpec) -> str:

@@ -28,8 +28,8 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from dvp.config import CHOICES, compose, experiments, split_overrides, validate
-from dvp.errors import ConfigError
+from dvp.core.config import CHOICES, compose, experiments, split_overrides, validate
+from dvp.core.errors import ConfigError
 
 SWEEP_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 TRAIN_SECTIONS = ("data", "model", "train", "dist", "eval")

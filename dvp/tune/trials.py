@@ -13,11 +13,11 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from dvp.checkpoint import load_checkpoint
-from dvp.config import DATASET_SHAPES, compose, from_dict
-from dvp.errors import ConfigError
-from dvp.logger import read_metrics
-from dvp.model import build_model, parameter_counts
+from dvp.core.config import DATASET_SHAPES, compose, from_dict
+from dvp.core.errors import ConfigError
+from dvp.model.vae import build_model, parameter_counts
+from dvp.train.checkpoint import load_checkpoint
+from dvp.train.logger import read_metrics
 from dvp.tune.spec import SweepSpec, load_saved
 
 ROW_KEYS = {

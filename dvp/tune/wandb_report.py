@@ -35,8 +35,7 @@ from wandb.sdk.lib import wbauth
 from wandb.sdk.lib.service.service_connection import WandbApiFailedError
 from wandb_workspaces import expr
 
-from dvp.cli import one_line
-from dvp.errors import ConfigError, PublishError
+from dvp.core.errors import ConfigError, PublishError, one_line
 from dvp.tune.spec import SweepSpec
 from dvp.tune.trials import axes
 

@@ -3,7 +3,7 @@ each epoch's validation metrics reported to Ray and its checkpoint registered th
 
     TorchTrainer(train_worker, train_loop_config={"overrides": [...], "run_dir": DIR, "threads": N}, ...)
 
-Ray has created the process group (RANK, WORLD_SIZE, ... set; `dvp.launch` detects the "ray" launcher and joins
+Ray has created the process group (RANK, WORLD_SIZE, ... set; `dvp.dist` detects the "ray" launcher and joins
 it). The registered checkpoint is a folder laid out like a run dir (`config.yaml`, `checkpoints/last.pt`,
 `checkpoints/best.pt`), so `dvp-eval run_dir=<checkpoint folder>` and `dvp-sample` read it as they are.
 
@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from dvp.checkpoint import load_checkpoint
-from dvp.config import compose
-from dvp.launch import DistContext, detect, init
-from dvp.logger import replace_atomically
-from dvp.loop import train
+from dvp.core.config import compose
+from dvp.core.paths import replace_atomically
+from dvp.dist.context import DistContext, init
+from dvp.dist.launch import detect
+from dvp.train.checkpoint import load_checkpoint
+from dvp.train.loop import train
 
 CHECKPOINT_FILES = ("config.yaml", "checkpoints/last.pt", "checkpoints/best.pt")
 """What a registered checkpoint holds, relative to the run dir (best.pt once a validation improved)."""
@@ -79,7 +80,7 @@ def reporter(run_dir: Path, ctx: DistContext) -> Any:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker of a trial: `dvp.loop.train` on the trial's overrides in the group Ray made."""
+    """One Ray Train worker of a trial: `dvp.train.loop.train` on the trial's overrides in the group Ray made."""
     # DeepSpeed's JIT-built ops: one node-local cache shared by the trials (not a shared home on NFS)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / f"dvp-torch-extensions-{os.getuid()}"))
     if config.get("threads"):

@@ -1,0 +1,74 @@
+"""Shared command-line plumbing: `--help` prints the command's docstring and the main keys; configuration, data
+and checkpoint errors print one clear line and exit 2 instead of a traceback; SIGTERM, SIGUSR1 and Ctrl-C end any
+command within seconds with one line, after what the command saves on a stop (exit 0 when training was saved
+after SIGTERM/SIGUSR1, a preemption; otherwise 128 + the signal number); a collective that fails because another
+process of the job died is one line and exit 1."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from contextlib import nullcontext
+from typing import Callable
+
+import torch.distributed as dist
+
+from dvp.core.config import experiments
+from dvp.core.errors import USER_ERRORS, ConfigError, Interrupted, one_line
+from dvp.core.signals import StopSignals
+from dvp.dist.context import DistContext, init
+from dvp.dist.launch import detect
+
+MAIN_KEYS = """
+Main keys (any key of configs/defaults.yaml works as key=value):
+  experiment=DATASET/MODEL   one of: {experiments}
+  run_dir=DIR                run directory (default runs/<experiment>/<timestamp>)
+  data.root=DIR              dataset files (e.g. data.root=../shared/data for mnist.npz); data.download=true
+  model.latent_scales=[4,4]  latents per resolution, finest first;  model.ctx_size=K  pseudo-input k x k
+  train.lr=  train.batch_size= (global)  train.max_epochs=  train.max_steps=  train.precision=fp32|bf16|fp16
+  train.seed=  dist.zero_stage=0..3  dist.micro_batch=N (per process per forward)  dist.engine=auto|torch|deepspeed
+  eval.is_samples=K          importance samples of the test NLL;  wandb.mode=online|offline|disabled
+"""
+
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+             "Broken pipe")
+"""What a collective raises (gloo's RuntimeError, NCCL's messages) when another rank of the job has died."""
+
+
+def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str], stop_signals: bool = True) -> int:
+    """Run `fn(argv)`; '--help' prints the docstring; known user errors exit 2 with one line on stderr.
+    `stop_signals=False` leaves SIGINT/SIGTERM to `fn` (Ray Tune handles them itself)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print((doc or "").strip() + "\n" + MAIN_KEYS.format(experiments=", ".join(experiments())))
+        return 0
+    try:
+        with StopSignals() if stop_signals else nullcontext():
+            return fn(argv)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"stopped: {one_line(e)}", file=sys.stderr)
+        return 0 if e.saved and e.signum != signal.SIGINT else 128 + e.signum
+    except (dist.DistError, RuntimeError) as e:
+        if not isinstance(e, dist.DistError) and not any(p in str(e) for p in PEER_LOST):
+            raise
+        print(f"error: another process of this job failed or was stopped ({one_line(e)[:200]}); its own output "
+              "says why; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 1
+
+
+def launch_context() -> DistContext:
+    """The distributed context of this launch (torchrun, deepspeed, srun, mpiexec, Ray or a plain process),
+    with the device from DeepSpeed's accelerator abstraction."""
+    return init(detect(os.environ))
+
+
+def single_process_context(command: str) -> DistContext:
+    """The context of a command that runs in one process; a multi-process launch is a one-line error."""
+    env = detect(os.environ)
+    if env.world_size > 1:
+        raise ConfigError(f"{env.launcher} started {env.world_size} processes, but {command} runs in one process; "
+                          "run it directly (dvp-train and dvp-eval use many)")
+    return init(env)

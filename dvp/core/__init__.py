@@ -1,0 +1,8 @@
+"""The ground floor: what every layer may use and that knows nothing of models, data or processes.
+
+errors (the user-facing error types, a leaf), config (composition of defaults + experiment + overrides, and
+validation before any compute), paths (output paths checked before compute, atomic writes), signals (SIGTERM /
+SIGUSR1 / Ctrl-C as a clean stop), file_kind (what a bad file is).
+
+Imports: nothing of dvp.
+"""

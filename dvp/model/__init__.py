@@ -1,0 +1,6 @@
+"""The model: the hierarchical VAE (vae: DVP-VAE, Ladder VAE, VampPrior) and its parts, pseudo_input (the DCT
+pseudo-input u), blocks, unet and diffusion (the diffusion prior p(u)), likelihoods, precision (autocast), and
+objectives (the ELBO terms, the importance-sampled NLL, active units).
+
+Imports: dvp.core, dvp.dist (the noise of every draw). Never data, the engines or the loop.
+"""

@@ -1,0 +1,408 @@
+"""The training loop: epochs of engine steps, the LR schedule, validation, checkpoints, early stopping.
+
+    run_dir = train(compose(["experiment=mnist/dvp_vae", "data.root=../shared/data"]))          # one process
+    run_dir = train(cfg, overrides, ctx)         # every rank of a launch (ctx = dvp.launch.init(detect(environ)))
+
+Recipe (spec §3): per-epoch LR, linear warm-up lr = base (e+1)/W for e < W, then cosine
+lr(e) = lr_min + (base - lr_min) (1 + cos(pi e / lr_epochs)) / 2; validation of the EMA model every epoch
+(-ELBO in bits/dim with the one-sample diffusion term, fixed noise); `checkpoints/best.pt` when it improves,
+`checkpoints/last.pt` every epoch, every `ckpt_every` steps, at a budget stop and on Ctrl-C / SIGTERM / SIGUSR1;
+early stop after `patience` epochs without improvement.
+
+Many processes: every rank runs this loop on the same global batches (the engine takes its rows); rank 0
+resolves the run dir and does all the writing; the stop decisions are the same on every rank (the loop state is,
+and a signal or the clock is agreed in one all-reduce per step); checkpoints are collective (see `_Run.checkpoint`).
+
+Resume: the same command (or `dvp-train run_dir=DIR`) continues from last.pt with the weights, EMA, optimizer,
+loop counters (step, epoch, best validation, patience), batch position and RNG restored, and `metrics.jsonl`
+cut back to the records that existed when last.pt was written, at any world size (tests/test_distributed.py). So after a kill -9 anywhere, or a stop by
+`max_steps` / `max_minutes` (a pause: no validation, no patience counted), the resumed run ends with the same
+weights (bitwise on CPU), the same best.pt and the same records as one that never stopped. Tested in
+tests/test_resume.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dvp.core.config import from_dict, parse_overrides, split_overrides, to_dict, validate
+from dvp.core.errors import CheckpointError, ConfigError, Interrupted, TrainingStopped
+from dvp.core.paths import check_output_dir, replace_atomically
+from dvp.core.signals import StopSignals, signal_name
+from dvp.data.batches import BatchIterator, model_inputs
+from dvp.data.datasets import DataSplits, load_data_config
+from dvp.dist.context import DistContext, accelerator_rng_state, init, set_accelerator_rng_state
+from dvp.dist.launch import detect
+from dvp.evaluate.sharded import evaluate_elbo, evaluate_test
+from dvp.model.vae import HierarchicalVAE, build_model, parameter_counts
+from dvp.train.checkpoint import (
+    check_weights_match,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from dvp.train.engine import Engine
+from dvp.train.engines import engine_kind, make_engine
+from dvp.train.logger import RunLogger
+
+EpochReport = Callable[[dict[str, float], Path], None]
+"""Called on every rank after each epoch's last.pt: (the epoch's validation metrics with epoch and step, last.pt)."""
+STOP_FILE = "stop.json"
+"""Written by rank 0 when training ends by itself (not when killed or signalled): step, epoch and the reason."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint."""
+    step: int = 0
+    epoch: int = 0
+    best_val: float = math.inf
+    epochs_since_best: int = 0
+    records: int | None = None    # records in metrics.jsonl when this state was saved (None: not known)
+
+
+def lr_at(epoch: int, t: DictConfig) -> float:
+    """Per-epoch learning rate: linear warm-up for `warmup_epochs`, then cosine from lr to lr_min."""
+    if epoch < t.warmup_epochs:
+        return t.lr * (epoch + 1) / t.warmup_epochs
+    return t.lr_min + (t.lr - t.lr_min) * (1 + math.cos(math.pi * min(epoch, t.lr_epochs) / t.lr_epochs)) / 2
+
+
+def prepare(cfg: DictConfig, world_size: int = 1) -> tuple[DataSplits, HierarchicalVAE]:
+    """Load the data (errors before any compute), check the config against its shape and the world size, build
+    the model and fit the DCT normalisation on the training split only."""
+    data = load_data_config(cfg.data)
+    validate(cfg, data.shape, n_train=len(data.train), world_size=world_size)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, data.shape)
+    if cfg.model.name == "dvp_vae":
+        model.pseudo_input.fit_scale(data.train)
+    return data, model
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    name = cfg.experiment or "default"
+    return Path("runs") / name / time.strftime("%Y%m%d-%H%M%S")
+
+
+def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """The saved config with this command's overrides on top; model and data keys cannot change."""
+    merged = OmegaConf.merge(OmegaConf.create(saved), parse_overrides(
+        [(k, v) for k, v in split_overrides(overrides) if k not in ("experiment", "run_dir", "train.resume")]))
+    for section in ("model", "data"):
+        if OmegaConf.to_container(merged[section]) != saved[section]:
+            raise ConfigError(f"cannot change {section}.* when resuming {cfg.run_dir}; "
+                              "start a new run_dir for a different model or data")
+    return from_dict(OmegaConf.to_container(merged))
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext | None = None,
+          report: EpochReport | None = None) -> Path:
+    """Train (or resume) the run described by `cfg` on the processes of `ctx` (default: this process alone, see
+    `dvp.dist`); returns the run directory. `report` is called at every epoch end (e.g. to tell Ray Tune);
+    `run_dir/stop.json` records why training ended when it ended by itself.
+
+    Every check (config, run dir, checkpoint, data) happens before anything is written; rank 0 resolves and
+    checks the run dir and does all the writing. SIGTERM/SIGUSR1 save `last.pt` and raise `Interrupted`."""
+    ctx = ctx or init(detect({}))
+    run_dir = ctx.on_main(lambda: _checked_run_dir(cfg))
+    last = run_dir / "checkpoints" / "last.pt"
+    if cfg.train.resume and not last.exists():
+        raise ConfigError(f"train.resume=true but {last} does not exist")
+    saved = load_checkpoint(last) if last.exists() else None
+    if saved is not None:
+        cfg = resume_config(cfg, saved["config"], overrides or [])
+    cfg.run_dir = str(run_dir)
+    t = cfg.train
+    data, model = prepare(cfg, ctx.world_size)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    torch.set_flush_denormal(True)    # CPU: subnormal floats (seen early in training) make steps up to 8x slower
+    engine, batches, state = _build(cfg, data, model, ctx, saved, last)
+    # nothing is written before this line: every bad input has failed above
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(last.parent)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)     # training goes on: the old stop no longer holds
+        replace_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg)))
+    steps_per_epoch = len(batches)
+    total = min(t.max_epochs * steps_per_epoch, t.max_steps or math.inf)
+    log = RunLogger(run_dir, to_dict(cfg), total_steps=int(total), enabled=ctx.is_main, wandb_mode=cfg.wandb.mode,
+                    project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
+                    log_checkpoints=cfg.wandb.log_checkpoints,
+                    start_step=state.step, keep_records=state.records)
+    counts = parameter_counts(model)
+    log.log_summary({f"params/{k}": v for k, v in counts.items()})
+    if ctx.is_main:
+        print(f"run_dir={run_dir}  params={counts['total']:,}  steps/epoch={steps_per_epoch}  "
+              f"{type(engine).__name__} x {ctx.world_size} (micro-batch {engine.micro}, accumulation "
+              f"{engine.accumulation})  {'resumed at step ' + str(state.step) if saved is not None else 'new run'}",
+              flush=True)
+    run = _Run(cfg, data, engine, batches, state, log, run_dir, ctx, report)
+    try:
+        with run.signals:
+            reason = run.fit()
+            if ctx.is_main:
+                print(f"stopped at step {state.step}: {reason}", flush=True)
+                record = {"step": state.step, "epoch": state.epoch, "reason": reason}
+                replace_atomically(run_dir / STOP_FILE, lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
+            if t.final_eval:
+                run.final_eval()
+    finally:
+        log.close()
+    return run_dir
+
+
+def _checked_run_dir(cfg: DictConfig) -> Path:
+    run_dir = resolve_run_dir(cfg)
+    check_output_dir(run_dir, "run_dir")
+    return run_dir
+
+
+def _build(cfg: DictConfig, data: DataSplits, model: HierarchicalVAE, ctx: DistContext,
+           saved: dict[str, Any] | None, path: Path) -> tuple[Engine, BatchIterator, LoopState]:
+    """The engine (resumed from `saved` when given), the batch iterator at its position and the loop state.
+
+    A resume at the world size and ZeRO stage that wrote DeepSpeed's shards loads them (`load_native`); any other
+    (another world size, stage or engine) re-partitions the consolidated state of last.pt. A checkpoint that does not fit
+    this run is a CheckpointError before anything is written."""
+    t = cfg.train
+    batches = BatchIterator(data.train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True,
+                            flip=cfg.data.flip)
+    if saved is None:
+        return make_engine(model, cfg, data.shape, ctx), batches, LoopState()
+    for which in ("model", "ema"):
+        check_weights_match(path, model.state_dict(), saved["engine"][which], which)
+    native = saved.get("native")
+    use_native = (native is not None and native["world_size"] == ctx.world_size
+                  and native["zero_stage"] == cfg.dist.zero_stage and engine_kind(cfg, ctx.world_size) == "deepspeed"
+                  and (path.parent / "deepspeed" / native["tag"]).is_dir())
+    try:
+        engine = make_engine(model, cfg, data.shape, ctx, state=None if use_native else saved["engine"])
+        if use_native:
+            engine.load_native(path.parent / "deepspeed", native["tag"])
+            engine.load_counters(saved["engine"]["counters"])
+            _load_rng(path.parent / "deepspeed" / native["tag"], ctx)
+        elif ctx.is_main:     # rank 0's CPU RNG is the one last.pt holds (training draws do not depend on it)
+            torch.set_rng_state(saved["rng"]["torch"])
+        batches.load_state_dict(saved["batches"])
+        state = LoopState(**saved["loop"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {' '.join(str(e).split())}); "
+                              "start a new run_dir") from None
+    return engine, batches, state
+
+
+def _rng_file(directory: Path, rank: int) -> Path:
+    return directory / f"rng_rank{rank}.pt"
+
+
+def _save_rng(directory: Path, ctx: DistContext) -> None:
+    """This rank's CPU and accelerator RNG next to its DeepSpeed shards."""
+    state = {"cpu": torch.get_rng_state(), "accelerator": accelerator_rng_state()}
+    replace_atomically(_rng_file(directory, ctx.rank), lambda tmp: torch.save(state, tmp))
+
+
+def _load_rng(directory: Path, ctx: DistContext) -> None:
+    """Restore this rank's RNG if it was saved at this world size."""
+    path = _rng_file(directory, ctx.rank)
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        torch.set_rng_state(state["cpu"])
+        set_accelerator_rng_state(state["accelerator"])
+
+
+class _Run:
+    """One invocation of the loop over a prepared engine: `fit` trains until a stop, `final_eval` tests best.pt.
+
+    Kill safety: `last.pt` records the loop state, batch position, RNG and how many metric records exist; a run
+    killed anywhere resumes from it and redoes exactly what followed, so its records and weights end up as an
+    uninterrupted run's. An epoch ends with validation, images, `best.pt`, then `last.pt`; a budget stop
+    (`max_steps`, `max_minutes`) in the middle of an epoch is a pause: `last.pt` only, no validation.
+    """
+
+    def __init__(self, cfg: DictConfig, data: DataSplits, engine: Engine, batches: BatchIterator,
+                 state: LoopState, log: RunLogger, run_dir: Path, ctx: DistContext,
+                 report: EpochReport | None = None) -> None:
+        self.cfg, self.data, self.engine, self.batches, self.state = cfg, data, engine, batches, state
+        self.log, self.run_dir, self.ctx, self.report = log, run_dir, ctx, report
+        self.last, self.best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+        self.signals = StopSignals()
+        t = cfg.train
+        self.max_steps = t.max_steps or math.inf
+        self.deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else math.inf
+        self.out_of_time = False
+
+    def checkpoint(self, path: Path, state: LoopState | None = None,
+                   batches: dict[str, int] | None = None) -> None:
+        """Save the run (or the given loop state and batch position) to `path`, collectively; signals wait.
+
+        Every rank: the engine's full state (gathered) and, for last.pt under DeepSpeed, DeepSpeed's own shards
+        under checkpoints/deepspeed/step<N> (its `latest` file moves last) with each rank's RNG. Then rank 0
+        replaces `path` atomically: the consolidated file that dvp-eval and dvp-sample read, and the commit point
+        of a resume; older shard folders are deleted only after it."""
+        state = state or replace(self.state, records=self.log.records)
+        batches = batches or self.batches.state_dict()
+        with self.signals.deferred():
+            full = self.engine.full_state()
+            native = None
+            if path == self.last and hasattr(self.engine, "save_native"):
+                tag, directory = f"step{state.step}", self.last.parent / "deepspeed"
+                self.engine.save_native(directory, tag, {"loop": asdict(state), "batches": batches})
+                _save_rng(directory / tag, self.ctx)
+                native = {"tag": tag, "world_size": self.ctx.world_size, "zero_stage": self.cfg.dist.zero_stage}
+            self.ctx.barrier()
+            if self.ctx.is_main:
+                save_checkpoint(path, {"config": to_dict(self.cfg), "image_shape": list(self.data.shape),
+                                       "engine": full, "loop": asdict(state), "batches": batches,
+                                       "rng": {"torch": torch.get_rng_state()}, "native": native})
+                if native is not None:
+                    for old in (self.last.parent / "deepspeed").glob("step*"):
+                        if old.name != native["tag"] and old.is_dir():
+                            shutil.rmtree(old, ignore_errors=True)
+            self.ctx.barrier()
+
+    def _stop_reason(self) -> str | None:
+        """Why the run stops now, or None. Every input is the same on every rank (the loop state, and the clock
+        through `_agreed_stop`), so all ranks stop together."""
+        s, t = self.state, self.cfg.train
+        if s.epoch >= t.max_epochs:
+            return f"finished {t.max_epochs} epochs"
+        if s.epochs_since_best >= t.patience:
+            return f"early stop: no validation improvement for {t.patience} epochs"
+        if s.step >= self.max_steps:
+            return f"train.max_steps={t.max_steps} reached (a pause: a larger train.max_steps goes on)"
+        if self.out_of_time:
+            return f"train.max_minutes={t.max_minutes} reached (a pause: the same command goes on)"
+        return None
+
+    def _agreed_stop(self) -> bool:
+        """Whether any rank got a signal or ran out of time, agreed in one all-reduce (sets `out_of_time` and
+        `signals.received` on every rank)."""
+        signum, late = self.ctx.agree_max(self.signals.received or 0, time.monotonic() > self.deadline)
+        if signum and self.signals.received is None:
+            self.signals.received = int(signum)           # another rank was signalled: stop with it
+        self.out_of_time = self.out_of_time or bool(late)
+        return bool(signum or late)
+
+    def _interrupted(self, signum: int, where: str) -> Interrupted:
+        return Interrupted(f"{signal_name(signum)} {where}; {self.last} holds step {self.state.step}: "
+                           f"resume with dvp-train run_dir={self.run_dir}", signum, saved=True)
+
+    def fit(self) -> str:
+        """Train epochs until max_epochs, patience, max_steps or max_minutes; returns why it stopped. Signals
+        are acted on between steps (save, then raise `Interrupted`) and during validation (see `_end_epoch`)."""
+        with self.signals.deferred():
+            while (reason := self._stop_reason()) is None:
+                self._train_steps()
+                if self.signals.received:
+                    self.checkpoint(self.last)
+                    raise self._interrupted(self.signals.received, "during training")
+                epoch_complete = (self.batches.epoch > self.state.epoch
+                                  or self.batches.state_dict()["position"] == len(self.batches))
+                if not epoch_complete:                    # a budget stop mid-epoch: a pause, not an epoch end
+                    self.checkpoint(self.last)
+                    continue
+                self._end_epoch()
+            return reason
+
+    def _train_steps(self) -> None:
+        """Optimizer steps on global batches until the epoch ends, a budget runs out or a signal arrives on any
+        rank (agreed after every step)."""
+        t, state, engine = self.cfg.train, self.state, self.engine
+        engine.set_lr(lr_at(state.epoch, t))
+        tick, seen = time.perf_counter(), 0
+        for x in self.batches:
+            stats = engine.step(x, state.step)
+            state.step += 1
+            seen += len(x)
+            if engine.consecutive_skips >= t.max_skips:
+                self.checkpoint(self.last)
+                raise TrainingStopped(
+                    f"{engine.consecutive_skips} consecutive steps skipped at step {state.step} (last loss "
+                    f"{stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}): lower train.lr, raise "
+                    "train.grad_skip (or 0 to disable), or use train.precision=fp32")
+            if state.step % t.log_every == 0:
+                self.log.log_train(state.step, stats, seen / (time.perf_counter() - tick))
+                tick, seen = time.perf_counter(), 0
+            if t.ckpt_every and state.step % t.ckpt_every == 0:
+                self.checkpoint(self.last)
+            if self._agreed_stop() or state.step >= self.max_steps:
+                break
+
+    def _end_epoch(self) -> None:
+        """Validation, images and best.pt of the finished epoch, then last.pt. In one process a signal in
+        between saves the state from before the epoch end (so a resumed run redoes it) and raises; with more,
+        it is agreed after the epoch end (ranks must not leave a collective halfway)."""
+        before = replace(self.state, records=self.log.records)
+        position = {"epoch": self.state.epoch, "position": len(self.batches)}
+        try:
+            with self.signals.raising() if self.ctx.world_size == 1 else nullcontext():
+                metrics = _end_of_epoch(self.cfg, self.engine, self.data, self.state, self.log, self.best,
+                                        self.checkpoint, self.ctx)
+        except Interrupted as e:
+            self.state = before
+            self.checkpoint(self.last, before, position)
+            raise self._interrupted(e.signum, "during validation") from None
+        self.state.epoch += 1
+        self.batches.load_state_dict({"epoch": self.state.epoch, "position": 0})
+        self.checkpoint(self.last)
+        if self.report is not None:
+            self.report({**metrics, "epoch": float(self.state.epoch), "step": float(self.state.step)}, self.last)
+        if self._agreed_stop() and self.signals.received:
+            raise self._interrupted(self.signals.received, "at the end of an epoch")
+
+    def final_eval(self) -> None:
+        """The test evaluation of best.pt (eval.*), sharded over the ranks, or a line saying why there is none."""
+        if not self.best.exists():
+            why = ("the run stopped before its first epoch ended" if self.state.epoch == 0
+                   else "no validation loss was finite")
+            if self.ctx.is_main:
+                print(f"no final evaluation: {self.best} was not written ({why})", flush=True)
+            return
+        best = load_checkpoint(self.best)
+        model = build_model(self.cfg, self.data.shape).to(self.engine.device)
+        model.load_state_dict(best["engine"]["ema"])
+        try:
+            evaluate_test(model, self.data.test, self.cfg, self.best, self.log, self.state.step, ctx=self.ctx)
+        except Interrupted as e:
+            raise Interrupted(f"{signal_name(e.signum)} during the final evaluation; training is saved in "
+                              f"{self.last}; the same command redoes the evaluation, or run dvp-eval "
+                              f"run_dir={self.run_dir}", e.signum) from None
+
+
+def _end_of_epoch(cfg: DictConfig, engine: Engine, data: DataSplits, state: LoopState, log: RunLogger,
+                  best: Path, checkpoint: Any, ctx: DistContext) -> dict[str, float]:
+    """Validate the EMA weights (sharded, the same numbers on every rank), keep the best checkpoint, write sample
+    and reconstruction grids (rank 0); returns the validation metrics."""
+    view = engine.eval_view("ema")
+    metrics = evaluate_elbo(view, data.val, cfg, ctx, seed=cfg.data.split_seed, stream="val")
+    metrics["skipped_total"] = float(engine.skipped_total)
+    log.log_eval(state.step, state.epoch, "val", metrics)
+    if ctx.is_main:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.data.split_seed)
+            samples = view.sample(64)
+            x = data.val[:32].to(engine.device)
+            recon = view.reconstruct(model_inputs(x, cfg.data.binarize, cfg.data.encoder_sees)[0])
+        log.log_images(state.step, "samples", samples, nrow=8)
+        log.log_images(state.step, "reconstructions", torch.cat([x.cpu(), recon.cpu()]), nrow=8)
+    if metrics["loss"] < state.best_val:
+        state.best_val, state.epochs_since_best = metrics["loss"], 0
+        checkpoint(best)
+        log.log_checkpoint(best, ["best", f"step-{state.step}"])
+    else:
+        state.epochs_since_best += 1
+    return metrics
