@@ -7,6 +7,8 @@
 # ALLCONV_TREE=DIR, a checkout of commit 3f688bf (every convolution in bf16, before `blocks.Float32Conv2d`;
 # `git worktree add DIR 3f688bf`), the variant bf16_allconv runs that code on the fast path too.
 # About 20 min per fp32 run and 13 per bf16 run, so ~45 min for two seeds of three variants on 2 cores.
+# RUNS and STEPS (default 330) pass on to quality_330.sh: a quick check is STEPS=1, SEEDS="1" and a DATA_ROOT whose
+# mnist.npz has 5,500 training images (5,000 of them validation) and a few test images.
 set -euo pipefail
 root=$(realpath "${1:?give the directory holding mnist.npz}")
 out=${2:-benchmarks/results/quality_330_seeds}
