@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py --data-root /work/shared/data          # ~10 min on 2 CPU cores
     python benchmarks/train_throughput.py --steps 2 --warmup 1 --settings fp32_eager bf16 --matmul-size 256 \
-        --out /tmp/train_throughput.json                                       # a quick check
+        --batch 25 --out /tmp/train_throughput.json                            # a quick check
 
 Every setting runs in its own subprocess (`--setting NAME --child`, which prints one JSON line), so peak memory
 is per setting. All settings start from the same initialisation (train.seed), see the same batches (real MNIST
@@ -59,13 +59,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                 "float32_convs": False},
 }
 BASELINE = "fp32_eager"
-BATCH = 250
 LAST = 5   # timed steps averaged into nelbo_final
 
 
-def config(setting: str, seed: int) -> Any:
+def config(setting: str, seed: int, batch: int) -> Any:
     s = SETTINGS[setting]
-    return compose(["experiment=mnist/dvp_vae", f"train.batch_size={BATCH}", f"train.seed={seed}",
+    return compose(["experiment=mnist/dvp_vae", f"train.batch_size={batch}", f"train.seed={seed}",
                     f"train.precision={s['precision']}", f"train.channels_last={str(s['channels_last']).lower()}",
                     f"train.compile={str(s['compile']).lower()}"])
 
@@ -77,12 +76,13 @@ def images(data_root: str | None, seed: int) -> torch.Tensor:
     return torch.rand(10_000, 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def batches(train: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
-    """n fixed global batches, identical for every setting (the engine binarises them with its seeded noise)."""
+def batches(train: torch.Tensor, n: int, seed: int, batch: int) -> list[torch.Tensor]:
+    """n fixed global batches of `batch` images, identical for every setting (the engine binarises them with its
+    seeded noise)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train), generator=g)
-    idx = idx.repeat(-(-n * BATCH // len(idx)))[:n * BATCH]
-    return [train[idx[i * BATCH:(i + 1) * BATCH]] for i in range(n)]
+    idx = idx.repeat(-(-n * batch // len(idx)))[:n * batch]
+    return [train[idx[i * batch:(i + 1) * batch]] for i in range(n)]
 
 
 def model_for(cfg: Any, train: torch.Tensor) -> HierarchicalVAE:
@@ -98,9 +98,9 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if not SETTINGS[setting].get("float32_convs", True):   # this child process only
         Float32Conv2d.forward = torch.nn.Conv2d.forward
-    cfg = config(setting, args.seed)
+    cfg = config(setting, args.seed, args.batch)
     train = images(args.data_root, args.seed)
-    data = batches(train, args.warmup + args.steps, args.seed)
+    data = batches(train, args.warmup + args.steps, args.seed, args.batch)
     engine = TorchEngine(model_for(cfg, train), cfg, (1, 28, 28), init(detect({})))
     engine.set_lr(lr_at(0, cfg.train))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -116,7 +116,7 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"setting": setting, **SETTINGS[setting], "threads": torch.get_num_threads(),
             "warmup_steps": args.warmup, "timed_steps": args.steps,
             "first_step_s": times[0], "warmup_s": sum(times[:args.warmup]),
-            "s_per_step": median, "s_per_step_min": min(timed), "images_per_s": BATCH / median,
+            "s_per_step": median, "s_per_step_min": min(timed), "images_per_s": args.batch / median,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_rss_before_steps_mib": rss_before, "conv_s_per_step": conv_s,
             "nelbo_steps": nelbos, "nelbo_final": statistics.fmean(nelbos[-min(LAST, args.steps):])}
@@ -139,14 +139,14 @@ def conv_seconds(engine: TorchEngine, x: torch.Tensor) -> float:
 def flops_per_image(args: argparse.Namespace) -> float:
     """FLOPs of one fp32 eager training step (forward, loss, backward) per image."""
     from torch.utils.flop_counter import FlopCounterMode
-    cfg = config(BASELINE, args.seed)
+    cfg = config(BASELINE, args.seed, args.batch)
     train = images(args.data_root, args.seed)
     model = model_for(cfg, train).train()
     torch.manual_seed(args.seed)
-    x_enc, x_target = model_inputs(batches(train, 1, args.seed)[0], cfg.data.binarize, cfg.data.encoder_sees)
+    x_enc, x_target = model_inputs(batches(train, 1, args.seed, args.batch)[0], cfg.data.binarize, cfg.data.encoder_sees)
     with FlopCounterMode(display=False) as counter:
         elbo_stats(model(x_enc, x_target), (1, 28, 28))["loss"].backward()
-    return counter.get_total_flops() / BATCH
+    return counter.get_total_flops() / args.batch
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
@@ -161,9 +161,19 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
     return 2 * n ** 3 / best / 1e12
 
 
+def cpu() -> dict[str, Any]:
+    """The CPU the figures belong to: /proc/cpuinfo's model name, family and model, and its bf16 instructions."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    first = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    flags = first.get("flags", "").split()
+    return {"model_name": first.get("model name", platform.processor()), "family": first.get("cpu family"),
+            "model": first.get("model"), "bf16_instructions": [f for f in ("avx512_bf16", "amx_bf16") if f in flags]}
+
+
 def run_setting(setting: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--setting", setting, "--seed", str(args.seed),
-           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--data-root", args.data_root] if args.data_root else []
     t0 = time.perf_counter()
@@ -179,11 +189,11 @@ def run_setting(setting: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("setting", "s/step", "img/s", "speedup", "GFLOP/s", "% bf16 peak", "conv share", "ceiling",
+    head = ("setting", "s/step", "img/s", "speedup", "GFLOP/s", "% fp32 peak", "% bf16 peak", "conv share", "ceiling",
             "peak MiB", "final nelbo", "Δnelbo vs fp32")
     rows = [head] + [(r["setting"], f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.0f}",
                       f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-",
-                      f"{r['gflops']:.1f}", f"{100 * r['frac_bf16_peak']:.1f}%", f"{100 * r['conv_share']:.0f}%",
+                      f"{r['gflops']:.1f}", f"{100 * r['frac_fp32_peak']:.1f}%", f"{100 * r['frac_bf16_peak']:.1f}%", f"{100 * r['conv_share']:.0f}%",
                       f"{r['ceiling_speedup']:.2f}x" if r["ceiling_speedup"] is not None else "-",
                       f"{r['peak_rss_mib']:.0f}",
                       f"{r['nelbo_final']:.2f}",
@@ -204,6 +214,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--data-root", default=None, help="directory with mnist.npz (default: random grey images)")
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--batch", type=int, default=250, help="images per step (the paper's MNIST batch: 250)")
     p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n matmuls timed for the peak")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     p.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
@@ -214,7 +225,7 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, data: {args.data_root or 'random'}", flush=True)
     results = [run_setting(s, args) for s in args.settings]   # first: a child inherits the parent's peak RSS
     flops = flops_per_image(args)
@@ -225,14 +236,15 @@ def main() -> None:
     base = next((r for r in results if r["setting"] == BASELINE), None)
     for r in results:
         r["gflops"] = flops * r["images_per_s"] / 1e9
+        r["frac_fp32_peak"] = r["gflops"] / (peak["fp32"] * 1e3)
         r["frac_bf16_peak"] = r["gflops"] / (peak["bf16"] * 1e3)
         r["speedup"] = r["images_per_s"] / base["images_per_s"] if base else None
         r["conv_share"] = r["conv_s_per_step"] / r["s_per_step"]
-        r["conv_gflops"] = flops * BATCH / r["conv_s_per_step"] / 1e9   # upper bound: all FLOPs in the convs
+        r["conv_gflops"] = flops * args.batch / r["conv_s_per_step"] / 1e9   # upper bound: all FLOPs in the convs
         r["ceiling_speedup"] = base["s_per_step"] / r["conv_s_per_step"] if base else None
         r["dnelbo_rel"] = (r["nelbo_final"] - base["nelbo_final"]) / abs(base["nelbo_final"]) if base else None
-    out = {"experiment": "mnist/dvp_vae", "batch_size": BATCH, "torch": torch.__version__,
-           "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    out = {"experiment": "mnist/dvp_vae", "batch_size": args.batch, "torch": torch.__version__,
+           "machine": platform.processor() or platform.machine(), "cpu": cpu(), "threads": torch.get_num_threads(),
            "data": args.data_root or "random", "seed": args.seed, "warmup_steps": args.warmup,
            "timed_steps": args.steps, "flops_per_image": flops, "matmul_size": args.matmul_size,
            "matmul_peak_tflops": peak, "results": results}

@@ -180,13 +180,14 @@ def _check_sweep_asha_vs_grid(out: Outputs) -> None:
 
 def _check_train_throughput(out: Outputs) -> None:
     r = out["train_throughput.json"]
+    assert r["batch_size"] == 25
     assert 1e8 < r["flops_per_image"] < 1e10        # ~0.7 GFLOP for the MNIST DVP-VAE
     assert r["matmul_size"] == 256 and _finite(*r["matmul_peak_tflops"].values())
     results = {row["setting"]: row for row in r["results"]}
     assert list(results) == ["fp32_eager", "bf16"]
     for row in results.values():
         assert len(row["nelbo_steps"]) == 2 and _finite(*row["nelbo_steps"])
-        assert _finite(*(row[k] for k in ("s_per_step", "images_per_s", "speedup", "gflops", "frac_bf16_peak",
+        assert _finite(*(row[k] for k in ("s_per_step", "images_per_s", "speedup", "gflops", "frac_fp32_peak", "frac_bf16_peak",
                                           "conv_share", "ceiling_speedup", "peak_rss_mib", "nelbo_final",
                                           "dnelbo_rel")))
         assert math.isclose(row["gflops"], r["flops_per_image"] * row["images_per_s"] / 1e9)
@@ -259,7 +260,7 @@ QUICK: dict[str, Quick] = {
                r"wrote .*/sweep_asha_vs_grid\.json")),
     "train_throughput.py": Quick(
         argv=("--steps", "1", "--warmup", "1", "--settings", "fp32_eager", "bf16", "--threads", "1",
-              "--matmul-size", "256", "--out", "{tmp}/train_throughput.json"),
+              "--matmul-size", "256", "--batch", "25", "--out", "{tmp}/train_throughput.json"),
         outputs=("train_throughput.json",), check=_check_train_throughput,
         lines=(r"setting\s+\| s/step \| img/s \| speedup \|.*", r"fp32_eager \|.*\|\s+1\.00x \|.*\|\s+\+0\.00%",
                r"bf16\s+\|.*\|\s+[-+]\d+\.\d\d%", r"\s+\d\.\d{3} GFLOP per image per training step; .*",

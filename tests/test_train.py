@@ -188,13 +188,13 @@ def test_a_long_run_of_skipped_steps_stops_with_advice(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not MNIST.is_file(), reason=f"real MNIST not found at {MNIST} (../shared/data/mnist.npz)")
-@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=[pytest.mark.slow,
-                                                                         pytest.mark.timeout(2700)])])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_short_training_on_real_mnist_lowers_the_test_nelbo(tmp_path: Path, precision: str) -> None:
-    """bf16 is `slow`: on a CPU without avx512_bf16 (some of CI's machines) bf16 convolutions are emulated and this
-    test takes 12-15 minutes instead of under two."""
+    """bf16 is `slow`: on a CPU without native bf16 convolutions (some of CI's machines) they are emulated, 5x
+    slower than fp32. 20 steps of 50 images bring the -ELBO of 500 test images from ~3,000 nats at init to ~10% of
+    it (fp32 and bf16 alike): the assertion's factor 2 leaves a wide margin."""
     from dvp.evaluate.sharded import evaluate_elbo
-    over = ["experiment=mnist/dvp_vae", f"data.root={MNIST.parent}", "train.batch_size=100", "train.max_steps=60",
+    over = ["experiment=mnist/dvp_vae", f"data.root={MNIST.parent}", "train.batch_size=50", "train.max_steps=20",
             "train.warmup_epochs=0", "train.ema=0.0", f"train.precision={precision}",
             f"run_dir={tmp_path}"] + SMALL[1:]
     cfg = compose(over)
@@ -206,7 +206,7 @@ def test_short_training_on_real_mnist_lowers_the_test_nelbo(tmp_path: Path, prec
     trained.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "last.pt")["engine"]["ema"])
     torch.manual_seed(0)
     end = evaluate_elbo(trained, data.test[:500], cfg)["nelbo"]
-    assert end < 0.5 * start, (start, end)        # ~540 nats at init; 60 steps reach well under half
+    assert end < 0.5 * start, (start, end)
 
 
 @pytest.mark.parametrize("warmup", [True, False])
