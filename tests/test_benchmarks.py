@@ -218,7 +218,7 @@ QUICK: dict[str, Quick] = {
         lines=(r"ladder, 1 latent\(s\)\s+exact(\s+\d+\.\d{4}){4}",
                r"vampprior, 1 latent\(s\)\s*nelbo(\s+\d+\.\d{4}){4}", r".*/is_vs_exact\.json")),
     "mnist_budget.sh": Quick(
-        argv=("{data}", "0.01", "{tmp}/out", "data.val_size=250"),
+        argv=("{data}", "0.01", "{tmp}/out", "data.val_size=250", "train.precision=fp32", "train.compile=false"),
         env={"RUNS": "{tmp}/runs"},
         outputs=tuple(f"out/{m}_{e}.json" for m in ("dvp_vae", "ladder") for e in ("elbo_10k", "isnll_k100_1k")),
         check=_check_mnist_budget,
