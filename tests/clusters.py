@@ -54,7 +54,7 @@ def kill_pid_file(path: Path, timeout: float = 10.0) -> None:
 # ---- Slurm ----------------------------------------------------------------------------------------------------
 SLURM_CONF = """\
 ClusterName=dvptest
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={ctld_host}({ctld_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -64,11 +64,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={base}/munge/munge.socket,cred_expire=10
 StateSaveLocation={base}/state
-SlurmdSpoolDir={base}/spool
+SlurmdSpoolDir={base}/spool/%n
 SlurmctldPidFile={base}/slurmctld.pid
-SlurmdPidFile={base}/slurmd.pid
+SlurmdPidFile={base}/slurmd-%n.pid
 SlurmctldLogFile={base}/log/slurmctld.log
-SlurmdLogFile={base}/log/slurmd.log
+SlurmdLogFile={base}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -81,18 +81,28 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 KillWait=10
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1024 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
+NODE_LINE = "NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory=1024 State=UNKNOWN"
 SLURM_PROGRAMS = ["/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "sbatch", "squeue", "scontrol"]
 
 
-class Slurm:
-    """A single-node Slurm cluster under `base` (AuthInfo cred_expire=10 shortens the requeue hold)."""
+Wrap = Callable[[int, list[str]], list[str]]
+"""wrap(i, command): the command that runs `command` on node i (identity on this machine's own network)."""
 
-    def __init__(self, base: Path) -> None:
+
+class Slurm:
+    """A Slurm cluster under `base` (AuthInfo cred_expire=10 shortens the requeue hold): by default one node, this
+    machine on 127.0.0.1; else `nodes` = [(name, address), ...], a slurmd per node started through `wrap` (on
+    the hosts of tests/netns.py), slurmctld and every client command on node 0. One munged serves them all
+    through its socket file."""
+
+    def __init__(self, base: Path, nodes: list[tuple[str, str]] | None = None, wrap: Wrap | None = None) -> None:
         self.base = base
         self.env = {**os.environ, "SLURM_CONF": str(base / "slurm.conf")}
+        self.nodes = nodes or [(socket.gethostname().split(".")[0], "127.0.0.1")]
+        self.wrap: Wrap = wrap or (lambda i, command: command)
 
     def __enter__(self) -> Slurm:
         if os.geteuid() != 0:
@@ -106,17 +116,22 @@ class Slurm:
             d.chmod(d.stat().st_mode | 0o755)
         munge = pwd.getpwnam("munge")
         os.chown(b / "munge", munge.pw_uid, munge.pw_gid)
+        for name, _ in self.nodes:
+            (b / "spool" / name).mkdir(parents=True, exist_ok=True)
         (b / "slurm.conf").write_text(SLURM_CONF.format(
-            host=socket.gethostname().split(".")[0], base=b, cpus=os.cpu_count(), ctld_port=free_port(),
-            slurmd_port=free_port()))
+            ctld_host=self.nodes[0][0], ctld_addr=self.nodes[0][1], base=b, ctld_port=free_port(),
+            slurmd_port=free_port(), node_names=",".join(n for n, _ in self.nodes),
+            node_lines="\n".join(NODE_LINE.format(name=n, addr=a, cpus=os.cpu_count()) for n, a in self.nodes)))
         try:
             subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={b}/munge/munge.socket",
                             f"--pid-file={b}/munge/munged.pid", f"--log-file={b}/munge/munged.log",
                             f"--seed-file={b}/munge/seed"], check=True, timeout=30)
-            for daemon in ("slurmctld", "slurmd"):
-                subprocess.run([f"/usr/sbin/{daemon}", "-f", str(b / "slurm.conf")], env=self.env, check=True,
-                               timeout=30)
-            wait_for(lambda: self.run(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle", 60, "sinfo idle")
+            subprocess.run(self.wrap(0, ["/usr/sbin/slurmctld", "-f", str(b / "slurm.conf")]), env=self.env,
+                           check=True, timeout=30)
+            for i, (name, _) in enumerate(self.nodes):
+                subprocess.run(self.wrap(i, ["/usr/sbin/slurmd", "-f", str(b / "slurm.conf"), "-N", name]),
+                               env=self.env, check=True, timeout=30)
+            wait_for(self.idle, 60, "every node idle in sinfo")
         except BaseException:
             self.__exit__()
             raise
@@ -128,15 +143,21 @@ class Slurm:
                 self.run(["scancel", "--partition=debug"])
                 wait_for(lambda: not self.run(["squeue", "-h"]).stdout.strip(), 60, "an empty queue")
         finally:
-            for pid_file in ("slurmd.pid", "slurmctld.pid", "munge/munged.pid"):
+            for pid_file in [*(f"slurmd-{name}.pid" for name, _ in self.nodes), "slurmctld.pid",
+                             "munge/munged.pid"]:
                 kill_pid_file(self.base / pid_file)
 
+    def idle(self) -> bool:
+        states = self.run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split()
+        return len(states) == len(self.nodes) and set(states) == {"idle"}
+
     def run(self, command: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self.wrap(0, command), env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
 
     def sbatch(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
-        out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env={**self.env, **(env or {})},
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(self.wrap(0, ["sbatch", "--parsable", *args]), cwd=cwd,
+                             env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().split(";")[0]
 
@@ -158,14 +179,14 @@ class Slurm:
         revocation, in whole seconds (the likely cause of the restarts that ended FAILED without any output, 2
         of ~10 runs before this wait; none in 5 since); and the node must have finished its previous run."""
         time.sleep(2)
-        wait_for(lambda: self.run(["sinfo", "-h", "-o", "%T"]).stdout.strip() == "idle", 60, "the node idle")
+        wait_for(self.idle, 60, "the nodes idle")
         out = self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         assert out.returncode == 0, out.stderr
 
     def logs(self, lines: int = 30) -> str:
         """The last lines of slurmctld's and slurmd's logs (for a failure message)."""
         text = ""
-        for name in ("slurmctld", "slurmd"):
+        for name in ["slurmctld", *(f"slurmd-{n}" for n, _ in self.nodes)]:
             path = self.base / "log" / f"{name}.log"
             tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
             text += f"\n--- {name}.log\n" + "\n".join(tail)
@@ -178,7 +199,7 @@ class Slurm:
 
 # ---- sshd -----------------------------------------------------------------------------------------------------
 SSHD_CONFIG = """\
-ListenAddress 127.0.0.1
+ListenAddress {listen}
 Port {port}
 HostKey {base}/host_ed25519
 PidFile {base}/sshd.pid
@@ -193,11 +214,14 @@ SetEnv HOME={home}
 
 
 class Sshd:
-    """A private sshd on 127.0.0.1:`port` that lets in the key `key` as this user, with HOME=`home`."""
+    """A private sshd on `listen`:`port` (127.0.0.1 and a free port unless given) that lets in the key `key` as
+    this user, with HOME=`home`. `wrap` turns the daemon's command into the one that starts it (on a host of
+    tests/netns.py: `lambda cmd: hosts.command(i, cmd)`)."""
 
-    def __init__(self, base: Path, home: Path) -> None:
-        self.base, self.home = base, home
-        self.port = free_port()
+    def __init__(self, base: Path, home: Path, listen: str = "127.0.0.1", port: int | None = None,
+                 wrap: Callable[[list[str]], list[str]] = list) -> None:
+        self.base, self.home, self.listen, self.wrap = base, home, listen, wrap
+        self.port = port or free_port()
         self.key = base / "id_ed25519"
 
     def __enter__(self) -> Sshd:
@@ -209,9 +233,10 @@ class Sshd:
         for key in (b / "host_ed25519", self.key):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
         shutil.copy(f"{self.key}.pub", b / "authorized_keys")
-        (b / "sshd_config").write_text(SSHD_CONFIG.format(port=self.port, base=b, home=self.home))
+        (b / "sshd_config").write_text(SSHD_CONFIG.format(listen=self.listen, port=self.port, base=b,
+                                                          home=self.home))
         Path("/run/sshd").mkdir(exist_ok=True)          # sshd's privilege-separation folder
-        subprocess.run(["/usr/sbin/sshd", "-f", str(b / "sshd_config")], check=True, timeout=30)
+        subprocess.run(self.wrap(["/usr/sbin/sshd", "-f", str(b / "sshd_config")]), check=True, timeout=30)
         wait_for(lambda: (b / "sshd.pid").exists(), 10, "sshd's pid file")
         return self
 

@@ -9,6 +9,8 @@ EVENT, on rank RANK when optimizer step STEP (0-based) starts:
     usr1    a real SIGUSR1 to this rank only (Slurm's warning signal)
     save    SIGKILL this rank right after DeepSpeed wrote the shards of the checkpoint at step STEP (shards and
             their `latest` on disk, last.pt not yet replaced)
+    pause   this rank writes the file DVP_PAUSE_MARK names, then sleeps DVP_PAUSE_S seconds (default 30) before
+            the step: the other ranks wait for it in the step's all-reduce (a test cuts this rank's network then)
     none    nothing
 The rank is read from the launcher's variables (RANK or OMPI_COMM_WORLD_RANK), as dvp.dist.launch does.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import dvp.cli.train
@@ -45,6 +49,9 @@ def _step(original: Any) -> Any:
             os.kill(os.getpid(), signal.SIGKILL)
         if hit and EVENT == "usr1":
             os.kill(os.getpid(), signal.SIGUSR1)
+        if hit and EVENT == "pause":
+            Path(os.environ["DVP_PAUSE_MARK"]).write_text(str(os.getpid()))
+            time.sleep(float(os.environ.get("DVP_PAUSE_S", "30")))
         poison = hit and EVENT == "nan"
         try:
             return original(self, x, index)

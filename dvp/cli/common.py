@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch.distributed as dist
 
 from dvp.core.config import experiments
-from dvp.core.errors import USER_ERRORS, ConfigError, Interrupted, one_line
+from dvp.core.errors import USER_ERRORS, ConfigError, Interrupted, PeerLost, one_line
 from dvp.core.signals import StopSignals
 from dvp.dist.context import DistContext, init
 from dvp.dist.launch import detect
@@ -32,8 +34,10 @@ Main keys (any key of configs/defaults.yaml works as key=value):
 
 
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
-             "Broken pipe")
-"""What a collective raises (gloo's RuntimeError, NCCL's messages) when another rank of the job has died."""
+             "Broken pipe", "Timed out waiting", "timed out", "Watchdog caught collective operation timeout")
+"""What a collective raises (gloo's RuntimeError, NCCL's messages) when another rank of the job has died or its
+host stopped answering (after dist.timeout_s)."""
+RESUME = "rerun the same command to resume from the last checkpoint"
 
 
 def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str], stop_signals: bool = True) -> int:
@@ -51,18 +55,41 @@ def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str], st
     except Interrupted as e:
         print(f"stopped: {one_line(e)}", file=sys.stderr)
         return 0 if e.saved and e.signum != signal.SIGINT else 128 + e.signum
+    except PeerLost as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
     except (dist.DistError, RuntimeError) as e:
-        if not isinstance(e, dist.DistError) and not any(p in str(e) for p in PEER_LOST):
+        if not _peer_failure(e):
             raise
         print(f"error: another process of this job failed or was stopped ({one_line(e)[:200]}); its own output "
-              "says why; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+              f"says why; {RESUME}", file=sys.stderr)
         return 1
 
 
-def launch_context() -> DistContext:
+def _peer_failure(error: BaseException) -> bool:
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and
+                                                  any(p in str(error) for p in PEER_LOST))
+
+
+@contextmanager
+def peers_watched(ctx: DistContext, timeout_s: float) -> Iterator[None]:
+    """Turns a collective that fails because another rank died or went silent into PeerLost, which names the
+    rank and host that did not answer (a roll-call of the survivors through the rendezvous store)."""
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as e:
+        if ctx.world_size == 1 or isinstance(e, (PeerLost, *USER_ERRORS, Interrupted)) or not _peer_failure(e):
+            raise
+        raise PeerLost(f"rank {ctx.rank} on {socket.gethostname()} lost {ctx.lost_peers()}: "
+                       f"{one_line(e)[:160]} (dist.timeout_s={timeout_s:g}); the other ranks stop too; {RESUME}"
+                       ) from None
+
+
+def launch_context(timeout_s: float = 120.0) -> DistContext:
     """The distributed context of this launch (torchrun, deepspeed, srun, mpiexec, Ray or a plain process),
-    with the device from DeepSpeed's accelerator abstraction."""
-    return init(detect(os.environ))
+    with the device from DeepSpeed's accelerator abstraction; ranks wait `timeout_s` for each other
+    (dist.timeout_s of dvp-train)."""
+    return init(detect(os.environ), timeout_s=timeout_s)
 
 
 def single_process_context(command: str) -> DistContext:

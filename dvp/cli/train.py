@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import sys
 
-from dvp.cli.common import launch_context, run_cli
+from dvp.cli.common import launch_context, peers_watched, run_cli
 from dvp.core.config import compose
 from dvp.train.loop import train
 
 
 def train_cli(argv: list[str]) -> int:
     cfg = compose(argv)
-    ctx = launch_context()
+    ctx = launch_context(cfg.dist.timeout_s)
     try:
-        run_dir = train(cfg, argv, ctx)
+        with peers_watched(ctx, cfg.dist.timeout_s):
+            run_dir = train(cfg, argv, ctx)
     finally:
         ctx.close()
     if ctx.is_main:

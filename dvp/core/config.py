@@ -100,6 +100,7 @@ RANGES: dict[str, Range] = {
     "train.ema": Range(0, 1, hi_open=True), "train.patience": AT_LEAST_1, "train.seed": SEED,
     "train.max_minutes": NON_NEGATIVE, "train.ckpt_every": NON_NEGATIVE, "train.log_every": AT_LEAST_1,
     "train.num_threads": Range(1, 1024), "dist.zero_stage": Range(0, 3), "dist.micro_batch": AT_LEAST_1,
+    "dist.timeout_s": POSITIVE,
     "eval.is_samples": AT_LEAST_1,
     "eval.is_chunk": AT_LEAST_1, "eval.max_images": AT_LEAST_1, "eval.batch_size": AT_LEAST_1,
 }

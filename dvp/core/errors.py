@@ -36,6 +36,11 @@ class Interrupted(RuntimeError):
         self.saved = saved
 
 
+class PeerLost(RuntimeError):
+    """Another rank of the job died or stopped answering (its process, its host or the network): the message
+    names it; every surviving rank stops with it (exit 1) and the same command resumes from the last checkpoint."""
+
+
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrainingStopped,
                                              PublishError)
 

@@ -14,6 +14,8 @@ import logging
 import os
 import re
 import socket
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dvp.core.errors import USER_ERRORS, ConfigError
+from dvp.dist.interface import Interface, choose_interface
 from dvp.dist.launch import LaunchEnv
 
 T = TypeVar("T")
@@ -38,6 +41,9 @@ class DistContext:
     device: torch.device
     backend: str
     _owns_group: bool = field(default=False, repr=False)
+    interface: Interface | None = None
+    hosts: list[tuple[str, str]] = field(default_factory=list)   # (hostname, address) of every rank, by rank
+    _broken: bool = field(default=False, repr=False)              # a peer was lost: the group is not used again
 
     @property
     def is_main(self) -> bool:
@@ -88,9 +94,60 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    def where(self) -> str:
+        """Where the ranks run, for the log: 'rank 0 node0 (10.0.0.1), rank 1 node1 (10.0.0.2) over eth0 (...)',
+        or 'N ranks on HOST' when they share one host."""
+        names = {name for name, _ in self.hosts}
+        if len(names) <= 1:
+            return f"{self.world_size} ranks on {next(iter(names), socket.gethostname())}"
+        ranks = ", ".join(f"rank {r} {name} ({addr})" for r, (name, addr) in enumerate(self.hosts))
+        return ranks + (f" over {self.interface.describe()}" if self.interface else "")
+
+    def lost_ranks(self, wait_s: float = 5.0) -> list[int] | None:
+        """After a collective failed: the ranks that do not answer a roll-call through the rendezvous store within
+        `wait_s` (every survivor calls this as its own collective fails), or None when the store itself does not
+        answer in time: then what this rank lost is the rendezvous host, rank 0's. The roll-call runs in a
+        thread, since a store call on a dead link can block for minutes; the process group is not used again."""
+        self._broken = True
+        answer: list[list[int]] = []
+
+        def roll_call() -> None:
+            try:
+                store = dist.distributed_c10d._get_default_store()
+                store.set_timeout(timedelta(seconds=wait_s))
+                store.set(f"dvp/roll-call/{self.rank}", "here")
+                end = time.monotonic() + wait_s
+                while True:
+                    missing = [r for r in range(self.world_size) if not store.check([f"dvp/roll-call/{r}"])]
+                    if not missing or time.monotonic() > end:
+                        answer.append(missing)
+                        return
+                    time.sleep(0.2)
+            except (RuntimeError, AttributeError, ValueError):
+                return
+
+        thread = threading.Thread(target=roll_call, daemon=True)
+        thread.start()
+        thread.join(wait_s + 3)
+        return answer[0] if answer else None
+
+    def lost_peers(self) -> str:
+        """Who stopped answering, for the one-line error: 'rank 1 on node1 (10.0.0.2)'."""
+        lost = self.lost_ranks()
+        if lost is None:
+            lost, how = [0], " (the rendezvous host: its store does not answer)"
+        else:
+            how = ""
+        if not lost:
+            return "no rank (every rank answers the roll-call: a collective timed out on a slow link?)"
+        names = [f"rank {r} on {self.hosts[r][0]} ({self.hosts[r][1]})" if r < len(self.hosts) else f"rank {r}"
+                 for r in lost]
+        return ", ".join(names) + how
+
     def close(self) -> None:
-        """Destroy the process group if `init` created it (one that Ray Train made is left to Ray)."""
-        if self._owns_group and dist.is_initialized():
+        """Destroy the process group if `init` created it (one that Ray Train made is left to Ray; one that lost
+        a peer is left to the process's exit: destroying it would wait on the dead link)."""
+        if self._owns_group and dist.is_initialized() and not self._broken:
             dist.destroy_process_group()
         self._owns_group = False
 
@@ -146,13 +203,44 @@ def init(env: LaunchEnv, backend: str | None = None, timeout_s: float = 120) -> 
                       RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     if dist.is_initialized():
         _check_existing_group(env)
-        return DistContext(env.rank, env.local_rank, env.world_size, device, dist.get_backend())
+        ctx = DistContext(env.rank, env.local_rank, env.world_size, device, dist.get_backend())
+        ctx.hosts = _gather_hosts(ctx)
+        return ctx
+    timeout, interface = timedelta(seconds=timeout_s), None
     try:
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
-    except dist.DistError as exc:
-        raise ConfigError(_rendezvous_message(env, timeout_s, str(exc))) from None
-    return DistContext(env.rank, env.local_rank, env.world_size, device, backend, _owns_group=True)
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+        store.set_timeout(timeout)
+        interface = choose_interface(env.master_addr, env.master_port, store, env.rank, env.world_size, timeout_s)
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout)
+    except (dist.DistError, RuntimeError) as exc:
+        if not isinstance(exc, dist.DistError) and "connectFullMesh" not in str(exc):
+            raise
+        over = f" (this rank talks over {interface.describe()})" if interface else ""
+        raise ConfigError(_rendezvous_message(env, timeout_s, str(exc)) + over) from None
+    _later_groups_wait(timeout)
+    ctx = DistContext(env.rank, env.local_rank, env.world_size, device, backend, _owns_group=True,
+                      interface=interface)
+    ctx.hosts = _gather_hosts(ctx)
+    return ctx
+
+
+def _later_groups_wait(timeout: timedelta) -> None:
+    """Make `timeout` the default of the process groups created after this one. DeepSpeed reduces gradients in
+    groups of its own (`new_group` without a timeout), which torch gives its default of 30 minutes: a host lost
+    mid-step would hold the survivors that long. torch reads the default from these module variables."""
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
+def _gather_hosts(ctx: DistContext) -> list[tuple[str, str]]:
+    """(hostname, address the collectives use) of every rank, by rank: one all-gather at start-up."""
+    here = (socket.gethostname(), ctx.interface.address if ctx.interface else "?")
+    hosts: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(hosts, here)
+    return [tuple(h) for h in hosts]
 
 
 def deepspeed_environment(ctx: DistContext) -> None:
@@ -177,6 +265,11 @@ def _check_existing_group(env: LaunchEnv) -> None:
 def _rendezvous_message(env: LaunchEnv, timeout_s: float, error: str) -> str:
     """One line saying why joining the process group at the master address failed and what to check."""
     where = f"rendezvous at {env.master_addr}:{env.master_port} (MASTER_ADDR:MASTER_PORT)"
+    if "connectFullMesh" in error:
+        return (f"the {env.world_size} ranks met at {env.master_addr}:{env.master_port} but rank {env.rank} could "
+                f"not connect to the others within {timeout_s:g} s: an address they advertised is not reachable; "
+                "set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME) to the cluster network's interface on every host, "
+                "or unset them to let dvp choose")
     joined = re.search(r"(\d+)/(\d+) clients joined", error)
     if joined:
         missing = int(joined[2]) - int(joined[1])

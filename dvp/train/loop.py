@@ -150,6 +150,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext 
               f"{type(engine).__name__} x {ctx.world_size} (micro-batch {engine.micro}, accumulation "
               f"{engine.accumulation})  {'resumed at step ' + str(state.step) if saved is not None else 'new run'}",
               flush=True)
+        if ctx.world_size > 1:
+            print(f"hosts: {ctx.where()}", flush=True)
     run = _Run(cfg, data, engine, batches, state, log, run_dir, ctx, report)
     try:
         with run.signals:
