@@ -11,7 +11,6 @@ network stack, so no traffic leaves the namespaces the harness creates.
         p = hosts.popen(1, [sys.executable, "-m", "dvp.train", ...], log=tmp_path / "node1.log")
         hosts.run(0, ["hostname"]).stdout           # 'node0'
         hosts.link(1, up=False)                     # cut node1's cable (its veth's end at the switch)
-        hosts.shape(1, rate="100mbit")              # a slow link (tc tbf), both directions
         with hosts.sshd() as key:                   # sshd on port 22 of every host, one key for all
             hosts.run(0, ["ssh", "-i", str(key), "root@node1", "hostname"])
 
@@ -21,7 +20,6 @@ fails. Needs root (CI runs the mark as root).
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -186,17 +184,6 @@ class Hosts:
     def link(self, i: int, up: bool) -> None:
         """Plug host i's cable in or out at the switch: the host keeps its address, its packets go nowhere."""
         ip("-n", self.switch, "link", "set", self.port(i), "up" if up else "down")
-
-    def shape(self, i: int, rate: str, burst: str = "64kb", latency: str = "50ms") -> None:
-        """Limit host i's link to `rate` in both directions (tc tbf on both ends of its veth pair)."""
-        for ns, dev in ((self.namespaces[i], "eth0"), (self.switch, self.port(i))):
-            subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
-                            "burst", burst, "latency", latency], check=True, capture_output=True, timeout=30)
-
-    def tx_bytes(self, i: int) -> int:
-        """Bytes host i has sent on eth0."""
-        out = ip("-n", self.namespaces[i], "-s", "-j", "link", "show", "eth0").stdout
-        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
