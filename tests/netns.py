@@ -2,7 +2,9 @@
 
 Each host is a network namespace (its own interfaces, IP, routes and ports) entered together with a UTS namespace
 (its own hostname) and a mount namespace (/etc/netns/<ns>/hosts bind-mounted over /etc/hosts, so every host
-resolves every other by name; `Hosts(private_tmp=True)` also mounts a private /tmp). The hosts share
+resolves every other by name; `Hosts(private_tmp=True)` also mounts a private /tmp, `Hosts(local=[folder])` a
+host's own copy over each folder, which is then node-local: the rest of /tmp, with a checkout there, stays shared).
+The hosts share
 the file system otherwise: the checkout and its venv are the same path on every host, like an NFS home. They are
 joined by veth pairs on one bridge that lives in a namespace of its own: nothing is added to the machine's own
 network stack, so no traffic leaves the namespaces the harness creates.
@@ -36,9 +38,11 @@ from clusters import Slurm, Sshd
 
 NETNS_ETC = Path("/etc/netns")
 ENTER = ('hostname "$0" && mount --bind "$1" /etc/hosts && { [ -z "$DVP_HOST_TMP" ] || mount --bind "$DVP_HOST_TMP" '
-         '/tmp; } && shift && exec "$@"')
-"""The shell run inside a host's namespaces before the command: set the hostname, mount the host's /etc/hosts
-and its private /tmp. (Not `ip netns exec`: it also remounts /sys, hiding the cgroup file system slurmd needs.)"""
+         '/tmp; } && for pair in $DVP_HOST_LOCAL; do mount --bind "${pair%%=*}" "${pair#*=}" || exit 1; done && '
+         'shift && exec "$@"')
+"""The shell run inside a host's namespaces before the command: set the hostname, mount the host's /etc/hosts,
+its private /tmp and its own copy of each node-local folder. (Not `ip netns exec`: it also remounts /sys, hiding
+the cgroup file system slurmd needs.)"""
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -55,10 +59,13 @@ class Hosts:
     stays on the host: a network no other host reaches), and its own name resolves to that eth1 address on it:
     a host whose hostname resolves to an interface the job cannot use (gloo advertises that address)."""
 
-    def __init__(self, base: Path, n: int, private_tmp: bool = False, trap: tuple[int, ...] = ()) -> None:
+    def __init__(self, base: Path, n: int, private_tmp: bool = False, trap: tuple[int, ...] = (),
+                 local: tuple[Path, ...] = ()) -> None:
         if n < 2:
             raise ValueError("a cluster of namespaces needs at least 2 hosts")
-        self.base, self.n, self.private_tmp = base, n, private_tmp
+        if any(" " in str(p) or "=" in str(p) for p in local):
+            raise ValueError(f"node-local folders {local}: no spaces or '=' in their paths")
+        self.base, self.n, self.private_tmp, self.local = base, n, private_tmp, local
         self.tag = secrets.token_hex(3)
         octets = int(self.tag, 16)
         self.net = f"10.{100 + octets % 100}.{2 * (octets // 100 % 100)}"
@@ -107,6 +114,9 @@ class Hosts:
             (etc / "hosts").write_text(self._hosts_file(i))
             if self.private_tmp:
                 (self.base / f"{self.names[i]}-tmp").mkdir(parents=True, exist_ok=True)
+            for k, folder in enumerate(self.local):
+                folder.mkdir(parents=True, exist_ok=True)
+                self.local_copy(i, k).mkdir(parents=True, exist_ok=True)
 
     def _hosts_file(self, i: int) -> str:
         lines = ["127.0.0.1 localhost"]
@@ -131,27 +141,29 @@ class Hosts:
 
     # ---- running commands on a host -----------------------------------------------------------------------
     def command(self, i: int, cmd: list[str]) -> list[str]:
-        """`cmd` as run on host i: in its network, UTS and mount namespaces."""
-        return ["nsenter", f"--net=/run/netns/{self.namespaces[i]}", "unshare", "--uts", "--mount",
+        """`cmd` as run on host i: in its network, UTS and mount namespaces (whatever environment it is given:
+        slurmd and sshd are started through this too)."""
+        local = " ".join(f"{self.local_copy(i, k)}={p}" for k, p in enumerate(self.local))
+        tmp = str(self.base / f"{self.names[i]}-tmp") if self.private_tmp else ""
+        return ["env", f"DVP_HOST_TMP={tmp}", f"DVP_HOST_LOCAL={local}", "nsenter", f"--net=/run/netns/{self.namespaces[i]}", "unshare", "--uts", "--mount",
                 "--propagation", "private", "sh", "-c", ENTER, self.names[i], str(NETNS_ETC / self.namespaces[i] /
                                                                                   "hosts"), *cmd]
 
-    def env(self, i: int, env: dict[str, str] | None) -> dict[str, str]:
-        e = {**os.environ, **(env or {})}
-        e["DVP_HOST_TMP"] = str(self.base / f"{self.names[i]}-tmp") if self.private_tmp else ""
-        return e
+    def local_copy(self, i: int, k: int) -> Path:
+        """Host i's own copy of node-local folder k (what it sees at local[k])."""
+        return self.base / f"{self.names[i]}-local{k}"
 
     def run(self, i: int, cmd: list[str], timeout: float = 120, env: dict[str, str] | None = None,
             **kwargs: Any) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(i, cmd), capture_output=True, text=True, timeout=timeout,
-                              env=self.env(i, env), **kwargs)
+                              env={**os.environ, **(env or {})}, **kwargs)
 
     def popen(self, i: int, cmd: list[str], log: Path, env: dict[str, str] | None = None,
               **kwargs: Any) -> subprocess.Popen:
         """`cmd` started on host i in its own process group, stdout and stderr to `log`; killed on exit."""
         with log.open("ab") as out:
             proc = subprocess.Popen(self.command(i, cmd), stdout=out, stderr=subprocess.STDOUT,
-                                    env=self.env(i, env), start_new_session=True, **kwargs)
+                                    env={**os.environ, **(env or {})}, start_new_session=True, **kwargs)
         self._procs.append(proc)
         return proc
 
@@ -171,10 +183,12 @@ class Hosts:
                 (d.base / "authorized_keys").write_text(keys)
             yield daemons[0].key
 
-    def slurm(self) -> Slurm:
-        """A Slurm cluster of these hosts: slurmctld on node0, a slurmd on every host (NodeName = its hostname,
-        NodeAddr = its IP); clients (sbatch, squeue) run on node0. Use as a context manager."""
-        return Slurm(self.base / "slurm", nodes=list(zip(self.names, self.ips)), wrap=self.command)
+    def slurm(self, nodes: int | None = None) -> Slurm:
+        """A Slurm cluster of the first `nodes` hosts (default all): slurmctld on node0, a slurmd on each
+        (NodeName = its hostname, NodeAddr = its IP); clients (sbatch, squeue) run on node0. Use as a context
+        manager."""
+        n = nodes or self.n
+        return Slurm(self.base / "slurm", nodes=list(zip(self.names[:n], self.ips[:n])), wrap=self.command)
 
     # ---- the network --------------------------------------------------------------------------------------
     def port(self, i: int) -> str:

@@ -195,6 +195,18 @@ def _check_train_throughput(out: Outputs) -> None:
     assert abs(results["bf16"]["dnelbo_rel"]) < 0.05   # equal init, batches and noise: the same -ELBO nearly
 
 
+def _check_zero_across_hosts(out: Outputs) -> None:
+    r = out["zero_across_hosts.json"]
+    assert r["link"] == {"rate": "1000mbit", "latency": "5ms"} and r["steps"] == [2, 4] and r["params"] > 10_000
+    rows = {row["stage"]: row for row in r["rows"]}
+    assert set(rows) == {0, 3}
+    for row in rows.values():
+        assert _finite(row["bytes_per_step"], row["step_s"]) and row["step_s"] > 0
+        assert all(a < b for a, b in zip(*row["sent"])), row["sent"]        # more steps, more bytes, both hosts
+    # ZeRO 0 sends its gradients' all-reduce (2P (N-1)/N floats) and little else; ZeRO 3 more than ZeRO 0
+    assert 0.9 < rows[0]["ratio_to_theory"] < 1.3, rows[0]
+    assert rows[3]["bytes_vs_stage0"] > 1.2, rows[3]
+
 QUICK: dict[str, Quick] = {
     "bf16_gradients.py": Quick(
         argv=("{tmp}/run/checkpoints/last.pt", "--data-root", "{data}", "--threads", "1",
@@ -265,6 +277,14 @@ QUICK: dict[str, Quick] = {
         lines=(r"setting\s+\| s/step \| img/s \| speedup \|.*", r"fp32_eager \|.*\|\s+1\.00x \|.*\|\s+\+0\.00%",
                r"bf16\s+\|.*\|\s+[-+]\d+\.\d\d%", r"\s+\d\.\d{3} GFLOP per image per training step; .*",
                r"wrote .*/train_throughput\.json")),
+    "zero_across_hosts.py": Quick(            # root: two hosts made of network namespaces (tests/netns.py)
+        argv=("--stages", "0", "3", "--steps", "2", "4", "--rate", "1000mbit",
+              "--out", "{tmp}/zero_across_hosts.json"),
+        outputs=("zero_across_hosts.json",), check=_check_zero_across_hosts,
+        lines=(r"ZeRO\s+MB sent\s+theory MB\s+/theory\s+vs ZeRO 0\s+s/step",
+               r"\s+0(\s+\d+\.\d{3}){2}\s+\d\.\d\d\s+1\.00x\s+\d+\.\d{3}",
+               r"\s+3(\s+\d+\.\d{3}){2}\s+\d\.\d\d\s+\d\.\d\dx\s+\d+\.\d{3}",
+               r"wrote .*/zero_across_hosts\.json")),
 }
 
 

@@ -5,6 +5,7 @@ describes, and `python -m dvp.tune.ray_stop` ends one Ray instance's processes a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,8 +25,12 @@ def test_cluster_yaml_passes_rays_validation_and_ships_dvp(name: str) -> None:
     raw = yaml.safe_load((ROOT / "cluster" / name).read_text())
     config = prepare_config(raw)
     validate_config(config)                                    # Ray's JSON schema; raises on a bad key or type
+    token = raw["file_mounts"].pop("~/.ray/auth_token")        # token auth: the user's token, to Ray's default path
+    assert token == "~/.ray/auth_token"
     for remote, local in raw["file_mounts"].items():
         assert remote.startswith("~/dvp-src/") and (ROOT / local).exists(), (remote, local)
+    for commands in (raw["head_start_ray_commands"], raw["worker_start_ray_commands"]):
+        assert all(re.search(r"RAY_AUTH_MODE=token (nohup setsid )?ray start", c) for c in commands if "ray start" in c)
     assert {"./dvp", "./configs", "./sweeps", "./setup.cfg", "./pyproject.toml"} <= set(raw["file_mounts"].values())
     assert any("pip install" in c and "-e ~/dvp-src" in c for c in raw["setup_commands"])
     head = config["available_node_types"][config["head_node_type"]]

@@ -50,7 +50,8 @@ def _trial_driver(spec: SweepSpec) -> Any:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"overrides": overrides, "run_dir": str(spec.runs_dir() / trial_id),
-                               "threads": 0 if r.gpus_per_worker else max(1, int(r.cpus_per_worker))},
+                               "threads": 0 if r.gpus_per_worker else max(1, int(r.cpus_per_worker)),
+                               "storage": f"{spec.sweep_dir}/trials/{trial_id}" if spec.remote else None},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=r.workers if r.elastic else r.workers[0], use_gpu=r.gpus_per_worker > 0,
                 resources_per_worker=resources, elastic_resize_monitor_interval_s=10.0),

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from dvp.train.curves import save_figure
 from dvp.tune.spec import SweepSpec
-from dvp.tune.trials import PSEUDO_KEYS, axes, best_row, cell_text, validations
+from dvp.tune.trials import PSEUDO_KEYS, axes, best_row, cell_text
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def plot_learning_curves(spec: SweepSpec, rows: list[dict[str, Any]], path: Path
     ax = fig.subplots()
     ends = []
     for row in rows:
-        points = [(r["epoch"] + 1, r[key]) for r in validations(Path(row["run_dir"])) if r.get(key) is not None]
+        points = [(r["epoch"] + 1, r[key]) for r in row["validations"] if r.get(key) is not None]
         if points:
             early = row["stopped_early"]
             ax.plot(*zip(*points), color=colours[row["family"]], linestyle="--" if early else "-", marker="o",

@@ -16,16 +16,7 @@ from dvp.core.paths import replace_atomically
 from dvp.dist.context import free_port
 from dvp.tune.plots import plot_active_units, plot_heatmap, plot_learning_curves, plot_vs_params
 from dvp.tune.spec import SweepSpec
-from dvp.tune.trials import (
-    ROW_KEYS,
-    axes,
-    best_row,
-    cell_text,
-    eval_results,
-    open_sweep,
-    rows_of,
-    validations,
-)
+from dvp.tune.trials import ROW_KEYS, axes, best_row, cell_text, eval_results, open_sweep, rows_of
 
 MD_COLUMNS = (("params", "params"), ("best", "best {metric}"), ("best_epoch", "epoch"), ("val_bpd", "val bpd"),
               ("test_nll", "test NLL"), ("au", "AU"), ("steps", "steps"), ("wall_s", "wall s"),
@@ -111,7 +102,7 @@ def write_files(spec: SweepSpec, sweep_dir: Path, rows: list[dict[str, Any]], ou
     for family in dict.fromkeys(r["family"] for r in rows):
         name = f"nll_heatmap_{family.replace('/', '_')}"
         written[name] = plot_heatmap(spec, [r for r in rows if r["family"] == family], family, out / f"{name}.png")
-    if any(validations(Path(r["run_dir"])) for r in rows):
+    if any(r["validations"] for r in rows):
         written["learning_curves"] = plot_learning_curves(spec, rows, out / "learning_curves.png")
     if any(r["au_layers"] for r in rows):
         written["active_units"] = plot_active_units(spec, rows, out / "active_units.png")

@@ -17,11 +17,11 @@ import yaml
 
 import dvp
 from dvp.core.errors import ConfigError
-from dvp.core.paths import replace_atomically
 from dvp.dist.context import free_port
 from dvp.tune.driver import DRIVER_RESOURCE, can_restore, driver_resources, make_tuner, restore_tuner
 from dvp.tune.report import write_report
 from dvp.tune.spec import SweepSpec
+from dvp.tune.storage import read_text, stage, upload, write_text
 from dvp.tune.trials import best_record, validations
 
 DONE = ("TERMINATED", "ERROR")
@@ -35,7 +35,13 @@ def start_ray(spec: SweepSpec) -> str | None:
     address = spec.ray["address"] or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        from ray.exceptions import AuthenticationError
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, AuthenticationError) as e:
+            raise ConfigError(f"ray.address={address}: {str(e).splitlines()[0][:200]}; check the address, and "
+                              "for a cluster with token auth (cluster/*.yaml, sweep.sbatch) give its token: "
+                              "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<its token file>") from None
         wait_for_nodes(spec.ray["nodes"], spec.ray["wait_s"])
         return None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")        # a stale ~/.ray/auth_token must not turn it on
@@ -98,29 +104,6 @@ def check_resources(spec: SweepSpec) -> int:
 
 
 # ---- the sweep folder ---------------------------------------------------------------------------------------------
-def _write_text(uri: str, text: str) -> None:
-    """Write a small file to a local path or a storage URI (s3://, gs://: through pyarrow, as Ray does)."""
-    if "://" not in uri:
-        replace_atomically(Path(uri), lambda tmp: tmp.write_text(text))
-        return
-    import pyarrow.fs
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
-def _read_text(uri: str) -> str | None:
-    if "://" not in uri:
-        return Path(uri).read_text() if Path(uri).is_file() else None
-    import pyarrow.fs
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
-
-
 def _saved_form(spec: SweepSpec) -> dict[str, Any]:
     """The sweep as sweep.yaml records it (storage absolute, as load_sweep made it)."""
     return {**spec.raw, "storage": spec.storage}
@@ -133,7 +116,7 @@ def _what(saved: dict[str, Any]) -> dict[str, Any]:
 
 def check_folder(spec: SweepSpec) -> bool:
     """Whether the sweep folder already holds this sweep (a resume); a ConfigError when it holds another."""
-    saved = _read_text(f"{spec.sweep_dir}/sweep.yaml")
+    saved = read_text(f"{spec.sweep_dir}/sweep.yaml")
     if saved is not None and _what(yaml.safe_load(saved)) != _what(_saved_form(spec)):
         raise ConfigError(f"{spec.sweep_dir} holds another sweep (its sweep.yaml differs from this command's); "
                           "rerun that sweep's command to resume it, or give another name= or storage=")
@@ -144,7 +127,7 @@ def record_sweep(spec: SweepSpec) -> None:
     """Write sweep.yaml into the sweep folder (what a resume and dvp-report read)."""
     if not spec.remote:
         Path(spec.sweep_dir).mkdir(parents=True, exist_ok=True)
-    _write_text(f"{spec.sweep_dir}/sweep.yaml", yaml.safe_dump(_saved_form(spec), sort_keys=False))
+    write_text(f"{spec.sweep_dir}/sweep.yaml", yaml.safe_dump(_saved_form(spec), sort_keys=False))
 
 
 def trials(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -171,25 +154,25 @@ def _error_text(trial: Any) -> str:
 
 def latest_checkpoint(spec: SweepSpec, trial_id: str) -> str | None:
     """The newest registered checkpoint folder of a trial (local storage), laid out like a run dir."""
-    if spec.remote:
-        return None
     folders = sorted(p for p in Path(spec.sweep_dir, "trials", trial_id).glob("checkpoint_*") if p.is_dir())
     return str(folders[-1]) if folders else None
 
 
-def best_values(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, tuple[float | None, int]]:
-    """Per trial: the best finite value of the metric over its validations (None: none yet) and how many."""
+def best_values(spec: SweepSpec, view: Path,
+                rows: list[dict[str, Any]]) -> dict[str, tuple[float | None, int]]:
+    """Per trial: the best finite value of the metric over its validations in the sweep folder `view` (None:
+    none yet) and how many."""
     key = spec.metric.split("/", 1)[1]
     out = {}
     for row in rows:
-        records = validations(spec.runs_dir() / row["trial_id"])
+        records = validations(view / "runs" / row["trial_id"])
         best = best_record(records, key, spec.mode)
         out[row["trial_id"]] = (None if best is None else best[key], len(records))
     return out
 
 
-def best_trial(spec: SweepSpec, rows: list[dict[str, Any]],
-               values: dict[str, tuple[float | None, int]]) -> dict[str, Any] | None:
+def best_trial(spec: SweepSpec, rows: list[dict[str, Any]], values: dict[str, tuple[float | None, int]],
+               checkpoints: dict[str, str]) -> dict[str, Any] | None:
     """The trial with the best value of the metric at any epoch it reported (scope 'all')."""
     scored = [(values[r["trial_id"]][0], r) for r in rows if values[r["trial_id"]][0] is not None]
     if not scored:
@@ -197,7 +180,9 @@ def best_trial(spec: SweepSpec, rows: list[dict[str, Any]],
     value, best = (min if spec.mode == "min" else max)(scored, key=lambda pair: pair[0])
     return {"trial_id": best["trial_id"], "metric": spec.metric, "value": value, "overrides": best["overrides"],
             "command": spec.reproduce_command(best["config"]),
-            "checkpoint": latest_checkpoint(spec, best["trial_id"]), "run_dir": str(spec.runs_dir() / best["trial_id"])}
+            "checkpoint": checkpoints.get(best["trial_id"]),
+            "run_dir": f"{spec.sweep_dir}/runs/{best['trial_id']}" if not spec.remote else
+            f"{spec.runs_dir() / best['trial_id']} on the node of its rank 0"}
 
 
 def _table(spec: SweepSpec, rows: list[dict[str, Any]], values: dict[str, tuple[float | None, int]]) -> str:
@@ -210,17 +195,28 @@ def _table(spec: SweepSpec, rows: list[dict[str, Any]], values: dict[str, tuple[
     return "\n".join(lines)
 
 
-def _report(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
-    """Write the sweep's report (report: true, a local folder) and say where; a failure here costs the sweep
-    nothing (its folder is complete) and is one line."""
-    if not (spec.report and not spec.remote and rows):
-        return f"dvp-report {spec.sweep_dir}"
-    out = Path(spec.sweep_dir) / "report"
+def _view(spec: SweepSpec, local: Path) -> tuple[Path, dict[str, str]]:
+    """The sweep folder as a local folder dvp-report reads (remote storage: staged into `local`), and each
+    trial's newest registered checkpoint."""
+    if spec.remote:
+        return stage(spec.sweep_dir, local)
+    folders = {p.name: latest_checkpoint(spec, p.name) for p in Path(spec.sweep_dir, "trials").glob("*")}
+    return Path(spec.sweep_dir), {t: c for t, c in folders.items() if c}
+
+
+def _report(spec: SweepSpec, view: Path, rows: list[dict[str, Any]]) -> str:
+    """Write the sweep's report (report: true) into the sweep folder and say where; a failure here costs the
+    sweep nothing (its folder is complete) and is one line."""
+    again = f"dvp-report {spec.sweep_dir}" if not spec.remote else "dvp-report on a copy of the sweep folder"
+    if not (spec.report and rows):
+        return again
     try:
-        written = write_report(Path(spec.sweep_dir), out)
+        written = write_report(view, view / "report")
+        if spec.remote:
+            upload(view / "report", f"{spec.sweep_dir}/report")
     except Exception as e:  # a plot or table failure must not turn a finished sweep into a failed one
-        return f"not written ({type(e).__name__}: {' '.join(str(e).split())[:200]}); dvp-report {spec.sweep_dir}"
-    return f"{out} ({len(written)} files); again: dvp-report {spec.sweep_dir}"
+        return f"not written ({type(e).__name__}: {' '.join(str(e).split())[:200]}); {again}"
+    return f"{spec.sweep_dir}/report ({len(written)} files); again: {again}"
 
 
 # ---- the command --------------------------------------------------------------------------------------------------
@@ -244,15 +240,17 @@ def run_sweep(spec: SweepSpec) -> int:
             import ray
             ray.shutdown()
             shutil.rmtree(private, ignore_errors=True)
-    values = best_values(spec, rows)
-    print(_table(spec, rows, values), flush=True)
+    with tempfile.TemporaryDirectory(prefix="dvp-sweep-view-") as local:
+        view, checkpoints = _view(spec, Path(local))
+        values = best_values(spec, view, rows)
+        print(_table(spec, rows, values), flush=True)
+        best = best_trial(spec, rows, values, checkpoints)
+        if best is not None:
+            write_text(f"{spec.sweep_dir}/best.json", json.dumps(best, indent=1) + "\n")
+            print(f"best: trial {best['trial_id']} {spec.metric} {best['value']:.4f}\n  checkpoint: "
+                  f"{best['checkpoint']}\n  reproduce: {best['command']}", flush=True)
+        print(f"report: {_report(spec, view, rows)}", flush=True)
     unfinished = [r["trial_id"] for r in rows if r["status"] not in DONE]
-    best = best_trial(spec, rows, values)
-    if best is not None:
-        _write_text(f"{spec.sweep_dir}/best.json", json.dumps(best, indent=1) + "\n")
-        print(f"best: trial {best['trial_id']} {spec.metric} {best['value']:.4f}\n  checkpoint: {best['checkpoint']}"
-              f"\n  reproduce: {best['command']}", flush=True)
-    print(f"report: {_report(spec, rows)}", flush=True)
     if unfinished:
         print(f"interrupted: {len(unfinished)} trials unfinished; run the same command to resume", file=sys.stderr)
         return 130

@@ -45,7 +45,8 @@ ROW_KEYS = {
     "epochs": "validations in metrics.jsonl (distinct epochs): epochs completed",
     "status": "Tune's saved status: TERMINATED, ERROR, RUNNING or PENDING",
     "stopped_early": "status TERMINATED without runs/<trial_id>/stop.json: ended by the scheduler (ASHA)",
-    "run_dir": "SWEEP_DIR/runs/<trial_id>",
+    "run_dir": "SWEEP_DIR/runs/<trial_id>; with remote storage (s3://) SWEEP_DIR/trials/<trial_id>, where its "
+               "checkpoints (a run dir's layout) are",
     "command": "the dvp-train command that reproduces the trial (SweepSpec.reproduce_command)",
 }
 """The keys of a `collect` row, in CSV column order (the axis keys stand where <dotted.key> is)."""
@@ -173,7 +174,9 @@ def _row(spec: SweepSpec, sweep_dir: Path, trial_id: str, status: str, config: d
         "test_nll": test.get("nll"), "test_is_samples": test.get("is_samples"), "test_images": test.get("images"),
         "steps": steps, "wall_s": wall, "epochs": len(vals), "status": status,
         "stopped_early": status == "TERMINATED" and not (run_dir / "stop.json").is_file(),
-        "run_dir": str(run_dir), "command": spec.reproduce_command(config),
+        "run_dir": str(run_dir) if not spec.remote else f"{spec.sweep_dir}/trials/{trial_id}",
+        "command": spec.reproduce_command(config),
+        "validations": vals,       # not a column: the records plots draw (what `validations` reads)
     }
 
 

@@ -1,7 +1,8 @@
 """What every Ray Train worker of a trial runs: the same training loop and DeepSpeed engine as `dvp-train`, with
 each epoch's validation metrics reported to Ray and its checkpoint registered there.
 
-    TorchTrainer(train_worker, train_loop_config={"overrides": [...], "run_dir": DIR, "threads": N}, ...)
+    TorchTrainer(train_worker, train_loop_config={"overrides": [...], "run_dir": DIR, "threads": N,
+                                                  "storage": None or the trial's folder in remote storage}, ...)
 
 Ray has created the process group (RANK, WORLD_SIZE, ... set; `dvp.dist` detects the "ray" launcher and joins
 it). The registered checkpoint is a folder laid out like a run dir (`config.yaml`, `checkpoints/last.pt`,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,14 @@ from dvp.core.paths import replace_atomically
 from dvp.dist.context import DistContext, init
 from dvp.dist.launch import detect
 from dvp.train.checkpoint import load_checkpoint
-from dvp.train.loop import train
+from dvp.train.loop import STOP_FILE, train
+from dvp.tune.storage import write_text
 
-CHECKPOINT_FILES = ("config.yaml", "checkpoints/last.pt", "checkpoints/best.pt")
-"""What a registered checkpoint holds, relative to the run dir (best.pt once a validation improved)."""
+CHECKPOINT_FILES = ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt")
+"""What a registered checkpoint holds, relative to the run dir (best.pt once a validation improved): the state
+and the records up to it, so a trial restarted on another node (a node-local run dir) keeps its history."""
+APPENDED = ("metrics.jsonl",)
+"""Files the run goes on writing: copied into the checkpoint, not hard-linked."""
 
 
 def _step(path: Path) -> int:
@@ -63,6 +69,7 @@ def reporter(run_dir: Path, ctx: DistContext) -> Any:
         values = {("epoch" if k == "epoch" else "step" if k == "step" else f"val/{k}"): float(v)
                   for k, v in metrics.items()}
         values["world_size"] = float(ctx.world_size)
+        values["hosts"] = ",".join(name for name, _ in ctx.hosts) or socket.gethostname()   # by rank
         if not ctx.is_main:
             ray.train.report(values, checkpoint=None)
             return
@@ -72,8 +79,10 @@ def reporter(run_dir: Path, ctx: DistContext) -> Any:
                 if source.is_file():
                     (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
                     try:
+                        if name in APPENDED:
+                            raise OSError("copied")
                         os.link(source, Path(folder) / name)
-                    except OSError:      # another file system
+                    except OSError:      # appended to, or another file system
                         shutil.copyfile(source, Path(folder) / name)
             ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder))
     return report
@@ -91,3 +100,6 @@ def train_worker(config: dict[str, Any]) -> None:
     run_dir = Path(config["run_dir"])
     restore_from_ray(run_dir, ctx)
     train(cfg, overrides, ctx, report=reporter(run_dir, ctx))
+    stop = run_dir / STOP_FILE
+    if config.get("storage") and ctx.is_main and stop.is_file():   # after the last checkpoint: to storage itself
+        write_text(f"{config['storage']}/{STOP_FILE}", stop.read_text())
