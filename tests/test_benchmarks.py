@@ -207,6 +207,26 @@ def _check_zero_across_hosts(out: Outputs) -> None:
     assert 0.9 < rows[0]["ratio_to_theory"] < 1.3, rows[0]
     assert rows[3]["bytes_vs_stage0"] > 1.2, rows[3]
 
+def _train_latent_runs(tmp: Path, data: Path) -> None:
+    """latent_usage.py's train step: one step (one epoch of the 250 training images) of each curve run."""
+    cmd = [sys.executable, str(BENCHMARKS / "latent_usage.py"), "--runs", str(tmp / "runs"), "train", "dvp_vae",
+           "ladder", "--data-root", str(data), "--steps", "1", "--set", "data.val_size=250",
+           "train.precision=fp32", "train.compile=false", "model.num_ch=8"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=TIMEOUT_S,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def _check_latent_usage(out: Outputs) -> None:
+    r = out["out/latent_usage.json"]
+    assert set(r["curves"]) == {"dvp_vae", "ladder"} and r["common_step"] == 1
+    assert r["crossing_step"] in (None, 1)
+    for name, s in r["at_common_step"].items():
+        assert s["step"] == 1 and len(s["kl"]) == len(s["au_layers"]) == 8, (name, s)
+        assert all(k >= 0 for k in s["kl"]) and 0 <= s["au_1e-3"] <= 1 and s["au"] <= s["au_1e-3"], (name, s)
+        assert _finite(s["nelbo"], s["kl_u"]) and s["nelbo"] > sum(s["kl"]), (name, s)
+    assert r["at_common_step"]["ladder"]["kl_u"] == 0 and r["at_common_step"]["dvp_vae"]["kl_u"] != 0
+
 QUICK: dict[str, Quick] = {
     "bf16_gradients.py": Quick(
         argv=("{tmp}/run/checkpoints/last.pt", "--data-root", "{data}", "--threads", "1",
@@ -229,6 +249,13 @@ QUICK: dict[str, Quick] = {
         outputs=("is_vs_exact.json",), check=_check_is_vs_exact,
         lines=(r"ladder, 1 latent\(s\)\s+exact(\s+\d+\.\d{4}){4}",
                r"vampprior, 1 latent\(s\)\s*nelbo(\s+\d+\.\d{4}){4}", r".*/is_vs_exact\.json")),
+    "latent_usage.py": Quick(
+        argv=("--runs", "{tmp}/runs", "report", "--out", "{tmp}/out"),
+        outputs=("out/latent_usage.json",), check=_check_latent_usage,
+        lines=(r"run\s+step\s+-ELBO\s+KL\(u\)\s+AU\s+AU\.001\s+KL per layer",
+               r"dvp_vae\s+1(\s+\d+\.\d+){4}(\s+\d+\.\d{3}){8}", r"ladder\s+1(\s+\d+\.\d+){4}(\s+\d+\.\d{3}){8}",
+               r"curves to dvp_vae 1 steps, ladder 1 steps; .*", r"wrote .*/out/latent_usage\.json and .*\.png"),
+        mnist=(500, 5), setup=_train_latent_runs),     # 250 training images: one step is one epoch, one val record
     "mnist_budget.sh": Quick(
         argv=("{data}", "0.01", "{tmp}/out", "data.val_size=250", "train.precision=fp32", "train.compile=false"),
         env={"RUNS": "{tmp}/runs"},

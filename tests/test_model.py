@@ -312,3 +312,25 @@ def test_float32_entry_conv_keeps_the_gradient_of_offset_channels() -> None:
         entry = block.net[1] if isinstance(block, EncoderResBlock) else block.net[0]
         assert isinstance(entry, Float32Conv2d) and isinstance(block.skip, Float32Conv2d)
         assert type(block.net[-1]) is torch.nn.Conv2d                    # the body's output stays bf16
+
+
+def test_omega_past_its_clamp_follows_gradients_back_inside_as_the_authors_in_place_clamp() -> None:
+    """omega (log-variance of q(u|x)) clamped to [-12, -5] (spec §1.6, in place in the authors' code): an Adamax
+    step can carry the parameter past -5; the forward still uses -5, and a gradient whose descent lowers omega
+    must reach it (a plain functional clamp gives 0 there, so omega stuck for good), one that would raise it must
+    not. Frozen (model.freeze_u) it gets no gradient at all."""
+    cfg = compose(["experiment=digits/dvp_vae"])
+    model = build_model(cfg, DATASET_SHAPES["digits"])
+    w = model.ctx_logvar
+    for start, expect_up, expect_down in ((-4.0, 0.0, 1.0), (-6.0, -1.0, 1.0), (-13.0, -1.0, 0.0)):
+        with torch.no_grad():
+            w.fill_(start)
+        omega = model.omega()
+        assert torch.all(omega == min(max(start, cfg.model.ctx_logvar_min), cfg.model.ctx_logvar_max))
+        for sign, expect in ((-1.0, expect_up), (1.0, expect_down)):   # loss = sign * sum(omega)
+            w.grad = None
+            (sign * model.omega().sum()).backward()
+            assert torch.all(w.grad == sign * abs(expect)), (start, sign, w.grad.flatten()[:3])
+    frozen = build_model(compose(["experiment=digits/dvp_vae", "model.freeze_u=true"]), DATASET_SHAPES["digits"])
+    assert not frozen.ctx_logvar.requires_grad
+    assert torch.all(frozen.omega() == cfg.model.diffusion.gamma_min)

@@ -141,7 +141,9 @@ def print_table(results: dict[str, Any]) -> None:
             ("  KL z", results["elbo_kl_z"]), ("  KL u", results["elbo_kl_u"]),
             ("active units (var > 0.01)", results["elbo_au"]),
             ("active units (var > 0.001)", results["elbo_au_1e-3"])]
-    rows += [(f"  KL layer {k.split('/')[1]}", v) for k, v in results.items() if k.startswith("elbo_kl/")]
+    layers = [(int(k.split("/")[1]), v) for k, v in results.items() if k.startswith("elbo_kl/")]
+    rows += [(f"  KL layer {i}" + (" (top)" if i == 0 else " (finest)" if i == len(layers) - 1 else ""), v)
+             for i, v in layers]                  # numbered top-down: 0 is the coarsest latent
     rows += [("IS samples K", results["is_samples"]), ("test images", results["images"]),
              ("sampling s/image", results["sample_seconds_per_image"])]
     width = max(len(r[0]) for r in rows)

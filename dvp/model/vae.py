@@ -40,6 +40,28 @@ from dvp.model.pseudo_input import PseudoInput
 LOG_2PI = math.log(2 * math.pi)
 
 
+class _ClampInward(torch.autograd.Function):
+    """y = clamp(w, lo, hi), whose gradient reaches w inside [lo, hi] and, outside, only where descent moves w
+    back toward the box: dL/dw = g if lo <= w <= hi or (w > hi and g > 0) or (w < lo and g < 0), else 0.
+
+    What the authors' in-place clamp of omega at every forward pass does to the optimisation (projected gradient:
+    the parameter sits on the bound and leaves it when the gradient points inside), without writing into the
+    parameter (a ZeRO-3 forward sees a gathered copy, where an in-place write is lost). torch.clamp's own
+    gradient is 0 beyond a bound: a parameter an optimizer step pushed past it would stay there for good."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, w: Tensor, lo: float, hi: float) -> Tensor:
+        ctx.save_for_backward(w)
+        ctx.bounds = (lo, hi)
+        return w.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor, None, None]:
+        (w,), (lo, hi) = ctx.saved_tensors, ctx.bounds
+        passes = ((w >= lo) & (w <= hi)) | ((w > hi) & (g > 0)) | ((w < lo) & (g < 0))
+        return g * passes, None, None
+
+
 def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     """log N(z; mu, exp(logvar)) summed over all but the batch axis."""
     return (-0.5 * (LOG_2PI + logvar + (z - mu) ** 2 * torch.exp(-logvar))).flatten(1).sum(1)
@@ -160,14 +182,16 @@ class HierarchicalVAE(nn.Module):
             d = cfg.diffusion
             self.prior_u = DiffusionPrior(self.pseudo_input.shape, d.model_channels, d.num_res_blocks, d.dropout,
                                           d.T, d.gamma_min, d.gamma_max)
-            self.ctx_logvar = nn.Parameter(torch.full(self.pseudo_input.shape, float(d.gamma_min)))
+            self.ctx_logvar = nn.Parameter(torch.full(self.pseudo_input.shape, float(d.gamma_min)),
+                                           requires_grad=not cfg.freeze_u)
         if self.kind == "vampprior":
             self.pseudo_images = nn.Parameter(0.1 * torch.randn(cfg.num_pseudo, *image_shape))
 
     # ---- pieces -------------------------------------------------------------------------------------------
     def omega(self) -> Tensor:
-        """log-variance of q(u|x), clamped to [ctx_logvar_min, ctx_logvar_max] (functionally: ZeRO-safe)."""
-        return self.ctx_logvar.float().clamp(self.cfg.ctx_logvar_min, self.cfg.ctx_logvar_max)
+        """log-variance of q(u|x), clamped to [ctx_logvar_min, ctx_logvar_max] with gradients that may bring it
+        back inside (`_ClampInward`: the authors' in-place clamp, ZeRO-safe)."""
+        return _ClampInward.apply(self.ctx_logvar.float(), self.cfg.ctx_logvar_min, self.cfg.ctx_logvar_max)
 
     def _contexts(self, u: Tensor) -> dict[int, Tensor]:
         """AvgPool(to_image(u)) at every latent resolution (the inverse DCT is computed once)."""
