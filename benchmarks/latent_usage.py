@@ -43,16 +43,11 @@ LABELS = {"dvp_vae": "DVP-VAE", "ladder": "Ladder VAE"}
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's validation records, one per epoch end, in step order (the last one of a step wins)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    """The run's validation records, one per epoch end, in order."""
+    from dvp.tune.trials import validations
+    if not (run_dir / "metrics.jsonl").is_file():
         raise SystemExit(f"{run_dir}: no metrics.jsonl (train it first: latent_usage.py train {run_dir.name} ...)")
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("split") == "val":
-            by_step[r["step"]] = r
-    return [by_step[s] for s in sorted(by_step)]
+    return validations(run_dir)
 
 
 def layers(r: dict[str, Any]) -> int:

@@ -4,10 +4,9 @@ Each host is a network namespace (its own interfaces, IP, routes and ports) ente
 (its own hostname) and a mount namespace (/etc/netns/<ns>/hosts bind-mounted over /etc/hosts, so every host
 resolves every other by name; `Hosts(private_tmp=True)` also mounts a private /tmp, `Hosts(local=[folder])` a
 host's own copy over each folder, which is then node-local: the rest of /tmp, with a checkout there, stays shared).
-The hosts share
-the file system otherwise: the checkout and its venv are the same path on every host, like an NFS home. They are
-joined by veth pairs on one bridge that lives in a namespace of its own: nothing is added to the machine's own
-network stack, so no traffic leaves the namespaces the harness creates.
+The hosts share the file system otherwise: the checkout and its venv are the same path on every host, like an
+NFS home. They are joined by veth pairs on one bridge that lives in a namespace of its own: nothing is added to
+the machine's own network stack, so no traffic leaves the namespaces the harness creates.
 
     with Hosts(tmp_path, 2) as hosts:               # hosts.names == ["node0", "node1"], hosts.ips[i]
         p = hosts.popen(1, [sys.executable, "-m", "dvp.train", ...], log=tmp_path / "node1.log")
@@ -145,9 +144,10 @@ class Hosts:
         slurmd and sshd are started through this too)."""
         local = " ".join(f"{self.local_copy(i, k)}={p}" for k, p in enumerate(self.local))
         tmp = str(self.base / f"{self.names[i]}-tmp") if self.private_tmp else ""
-        return ["env", f"DVP_HOST_TMP={tmp}", f"DVP_HOST_LOCAL={local}", "nsenter", f"--net=/run/netns/{self.namespaces[i]}", "unshare", "--uts", "--mount",
-                "--propagation", "private", "sh", "-c", ENTER, self.names[i], str(NETNS_ETC / self.namespaces[i] /
-                                                                                  "hosts"), *cmd]
+        return ["env", f"DVP_HOST_TMP={tmp}", f"DVP_HOST_LOCAL={local}",
+                "nsenter", f"--net=/run/netns/{self.namespaces[i]}", "unshare", "--uts", "--mount",
+                "--propagation", "private", "sh", "-c", ENTER, self.names[i],
+                str(NETNS_ETC / self.namespaces[i] / "hosts"), *cmd]
 
     def local_copy(self, i: int, k: int) -> Path:
         """Host i's own copy of node-local folder k (what it sees at local[k])."""

@@ -78,11 +78,12 @@ def reporter(run_dir: Path, ctx: DistContext) -> Any:
                 source = run_dir / name
                 if source.is_file():
                     (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+                    if name in APPENDED:
+                        shutil.copyfile(source, Path(folder) / name)
+                        continue
                     try:
-                        if name in APPENDED:
-                            raise OSError("copied")
                         os.link(source, Path(folder) / name)
-                    except OSError:      # appended to, or another file system
+                    except OSError:      # another file system
                         shutil.copyfile(source, Path(folder) / name)
             ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder))
     return report
