@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from dvp.core.config import experiments
 from dvp.core.errors import USER_ERRORS, ConfigError, Interrupted, PeerLost, one_line
-from dvp.core.signals import StopSignals
+from dvp.core.signals import StopSignals, held
 from dvp.dist.context import DistContext, init
 from dvp.dist.launch import detect
 
@@ -80,7 +80,9 @@ def peers_watched(ctx: DistContext, timeout_s: float) -> Iterator[None]:
     except (dist.DistError, RuntimeError) as e:
         if ctx.world_size == 1 or isinstance(e, (PeerLost, *USER_ERRORS, Interrupted)) or not _peer_failure(e):
             raise
-        raise PeerLost(f"rank {ctx.rank} on {socket.gethostname()} lost {ctx.lost_peers()}: "
+        with held():                # torchrun's SIGTERM to the survivors must not cut the roll-call short
+            lost = ctx.lost_peers()
+        raise PeerLost(f"rank {ctx.rank} on {socket.gethostname()} lost {lost}: "
                        f"{one_line(e)[:160]} (dist.timeout_s={timeout_s:g}); the other ranks stop too; {RESUME}"
                        ) from None
 

@@ -7,6 +7,9 @@ command.
             with signals.raising():         # raising again, e.g. for a validation pass inside the training loop
                 ...
 
+    with held():                            # a signal is dropped: the seconds in which a failing job names
+        ...                                 # its lost peer (torchrun signals the survivors once a rank dies)
+
 Outside `deferred()` the handler raises `Interrupted` at once (Python runs handlers between bytecodes, so a
 long evaluation ends within one forward pass); inside it the signal is remembered and the training loop stops
 at the next step boundary, after saving. Handlers are installed only from the main thread (elsewhere, e.g. in a
@@ -74,3 +77,20 @@ class StopSignals:
             yield
         finally:
             self._defer = outer
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Within the block SIGTERM, SIGINT and SIGUSR1 do nothing (their handlers are restored after it). For the few
+    seconds in which a rank whose peer died finds out which one: launchers such as torchrun's agent send SIGTERM
+    to the survivors as soon as one rank dies, which would otherwise replace that line with 'interrupted'. A
+    no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
