@@ -132,21 +132,23 @@ def test_sweep_asha_report_wandb_and_reproduce(tmp_path: Path) -> None:
     trials = tune_trials(sweep_dir)
     assert len(trials) == 4 and {t.status for t in trials.values()} == {"TERMINATED"}, out[-3000:]
 
-    # ASHA stopped at least one trial: it has no stop.json (training did not end by itself) and fewer epochs
+    # ASHA stopped at least one trial: it has no stop.json (training did not end by itself) and fewer epochs in
+    # Tune's record; a trial without stop.json trained all 3 epochs
     stopped = {i for i in trials if not (sweep_dir / "runs" / i / "stop.json").exists()}
     assert stopped, "ASHA stopped no trial"
     for i in trials:
         epochs = [r["epoch"] for r in val_records(sweep_dir / "runs" / i)]
-        assert epochs == list(range(len(epochs))) and (len(reported(sweep_dir, i)) < 3) == (i in stopped), (
-            i, epochs)
+        assert epochs == list(range(len(epochs))) and (len(epochs) == 3 if i not in stopped
+                                                       else len(reported(sweep_dir, i)) < 3), (i, epochs)
 
-    # every trial: Tune's record, the run dir's metrics and the offline wandb run hold the same numbers (a trial
-    # that ASHA stops may finish one more validation before it is ended: Tune's record is then a prefix)
+    # every trial: Tune's record, the run dir's metrics and the offline wandb run hold the same numbers. ASHA's
+    # stop is asynchronous: the trial may finish one more validation (its last epoch, even) before it ends, so
+    # Tune's record is then one validation short of the run's
     for i in trials:
         run_values = [r["nelbo"] for r in val_records(sweep_dir / "runs" / i)]
         tune_values = [r["val/nelbo"] for r in reported(sweep_dir, i)]
         assert tune_values and run_values[:len(tune_values)] == tune_values, (i, run_values, tune_values)
-        assert i in stopped or tune_values == run_values
+        assert len(tune_values) == 3 or len(run_values) - len(tune_values) <= 1, (i, run_values, tune_values)
         assert all(r["world_size"] == 2 for r in reported(sweep_dir, i))
         wandb_file, = (sweep_dir / f"trial_{i}" / "wandb").glob("offline-run-*/run-*.wandb")
         assert [h["val/nelbo"] for h in history(wandb_file) if "val/nelbo" in h] == tune_values
