@@ -59,7 +59,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
-CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
+{comm}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={base}/munge/munge.socket,cred_expire=10
@@ -103,6 +103,10 @@ class Slurm:
         self.env = {**os.environ, "SLURM_CONF": str(base / "slurm.conf")}
         self.nodes = nodes or [(socket.gethostname().split(".")[0], "127.0.0.1")]
         self.wrap: Wrap = wrap or (lambda i, command: command)
+        # on this machine's own network slurmd binds the address its name resolves to (ports free on 127.0.0.1
+        # although another Slurm may hold them elsewhere); a host of its own listens on all its addresses, as a
+        # default slurmd does, whatever its own name resolves to there
+        self.comm = "" if wrap else "CommunicationParameters=NoInAddrAny,NoCtldInAddrAny"
 
     def __enter__(self) -> Slurm:
         if os.geteuid() != 0:
@@ -119,7 +123,7 @@ class Slurm:
         for name, _ in self.nodes:
             (b / "spool" / name).mkdir(parents=True, exist_ok=True)
         (b / "slurm.conf").write_text(SLURM_CONF.format(
-            ctld_host=self.nodes[0][0], ctld_addr=self.nodes[0][1], base=b, ctld_port=free_port(),
+            ctld_host=self.nodes[0][0], ctld_addr=self.nodes[0][1], base=b, ctld_port=free_port(), comm=self.comm,
             slurmd_port=free_port(), node_names=",".join(n for n, _ in self.nodes),
             node_lines="\n".join(NODE_LINE.format(name=n, addr=a, cpus=os.cpu_count()) for n, a in self.nodes)))
         try:

@@ -95,12 +95,14 @@ def test_slurm_sweep_on_two_hosts_with_token_auth_requeues_on_usr1_and_reports(s
     warning) interrupts the sweep, stops Ray on both hosts and requeues; the requeued job resumes the sweep
     mid-trial, finishes it and writes a complete report and best.json; the checks from node2 run against the
     requeued job's Ray (a new token). Trials of 4 epochs: the interrupt takes
-    seconds to reach the trial, and a 2-epoch one could finish first, leaving nothing to resume."""
+    seconds to reach the trial, and a 2-epoch one could finish first, leaving nothing to resume. Both nodes'
+    own names resolve, on themselves, to a second interface no other host reaches (tests/test_multinode.py's
+    trap): the head must advertise the address the other node knows it by."""
     work, store, home, ray_tmp = short / "work", short / "sweeps", short / "home", short / "rt"
     work.mkdir()
     home.mkdir()
     env = {**_env(), "DVP_PYTHON": sys.executable, "HOME": str(home), "DVP_RAY_TMPDIR": str(ray_tmp)}
-    with Hosts(short, 3, local=(ray_tmp,)) as hosts, hosts.slurm(nodes=2) as slurm:
+    with Hosts(short, 3, local=(ray_tmp,), trap=(0, 1)) as hosts, hosts.slurm(nodes=2) as slurm:
         job = slurm.sbatch(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
                             str(ROOT / "cluster/slurm/sweep.sbatch"), "sweep=digits_smoke", f"storage={store}",
                             "train.max_epochs=4", "train.lr_epochs=4"], cwd=work, env=env)

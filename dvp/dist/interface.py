@@ -8,6 +8,9 @@ host reaches the other hosts: toward the rendezvous address (MASTER_ADDR), which
 or, on the master's own host, toward the other ranks' addresses published in the rendezvous store.
 
     iface = choose_interface("node0", 29500, store, rank, world_size, 120)   # Interface('eth0', '10.1.0.2', True)
+
+Under Ray, whose Train workers join their process group before any dvp code runs, every worker process takes the
+interface of its node's Ray address instead (`use_interface_of`, from `dvp.tune.node.setup_process`).
 """
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ import socket
 import struct
 from dataclasses import dataclass
 from datetime import timedelta
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from dvp.core.errors import ConfigError
+
+if TYPE_CHECKING:                       # torch is not imported for the interface alone (Ray's setup hook)
+    import torch.distributed as dist
 
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 _SIOCGIFADDR = 0x8915
@@ -96,12 +101,19 @@ def choose_interface(master_addr: str, master_port: int, store: dist.Store, rank
         remote = next((a for a in (store.get(k).decode() for k in keys) if a and not is_local(a)), None)
         if remote is not None:
             source = route_source(remote, master_port)
-    name = interface_of(source)
+    return use_interface_of(source)
+
+
+def use_interface_of(address: str) -> Interface | None:
+    """Export GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (each where unset) as the interface that holds the local
+    IPv4 `address` (the source of the route toward the other hosts, or a Ray node's address: what the other
+    nodes reach this one at); that interface, or None where none holds it."""
+    name = interface_of(address)
     if name is None:
         return None
     for var in IFNAME_VARS:
         os.environ.setdefault(var, name)
-    return Interface(name, source, chosen=True)
+    return Interface(name, address, chosen=True)
 
 
 def _given(value: str) -> Interface:

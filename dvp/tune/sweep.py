@@ -25,6 +25,8 @@ from dvp.tune.storage import read_text, stage, upload, write_text
 from dvp.tune.trials import best_record, validations
 
 DONE = ("TERMINATED", "ERROR")
+RUNTIME_ENV = {"worker_process_setup_hook": "dvp.tune.node.setup_process"}
+"""The sweep's Ray job: each worker process first picks the network interface of its node's Ray address."""
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------------------
@@ -37,7 +39,7 @@ def start_ray(spec: SweepSpec) -> str | None:
     if address:
         from ray.exceptions import AuthenticationError
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=RUNTIME_ENV)
         except (ConnectionError, AuthenticationError) as e:
             raise ConfigError(f"ray.address={address}: {str(e).splitlines()[0][:200]}; check the address, and "
                               "for a cluster with token auth (cluster/*.yaml, sweep.sbatch) give its token: "
@@ -50,7 +52,7 @@ def start_ray(spec: SweepSpec) -> str | None:
     # trial's worker placement group can stay reserved and starve the next trial); on loopback, a free port
     ray.init(address="local", num_cpus=spec.ray["num_cpus"] or os.cpu_count(), num_gpus=spec.ray["num_gpus"],
              resources={DRIVER_RESOURCE: 1000}, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), _temp_dir=temp, log_to_driver=True)
+             dashboard_port=free_port(), _temp_dir=temp, log_to_driver=True, runtime_env=RUNTIME_ENV)
     return temp
 
 
