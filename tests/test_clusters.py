@@ -8,6 +8,7 @@ cannot show (GPUs, a cloud provider's API, a real network) is listed in the READ
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -54,9 +55,9 @@ def log(work: Path, name: str, job: str) -> str:
 # ---- Slurm: training --------------------------------------------------------------------------------------------
 def test_slurm_train_job_completes_and_a_usr1_job_requeues_and_ends_where_it_would_have(slurm: Slurm,
                                                                                        base: Path) -> None:
-    """A 2-task DeepSpeed job finishes; the same job sent USR1 mid-epoch (what --signal=USR1@300 sends before the
-    time limit) saves, requeues itself, resumes from that checkpoint and ends with bitwise the same weights and
-    validation numbers as the uninterrupted job."""
+    """A 2-task DeepSpeed job finishes; the same job sent USR1 after step 25 (what --signal=USR1@300 sends
+    before the time limit) saves, requeues itself, resumes from that checkpoint and ends with bitwise the same
+    weights and validation numbers as the uninterrupted job."""
     work = base / "work"
     work.mkdir()
     script = str(ROOT / "cluster/slurm/train.sbatch")
@@ -79,7 +80,9 @@ def test_slurm_train_job_completes_and_a_usr1_job_requeues_and_ends_where_it_wou
     info = slurm.wait_done(cut, 300)
     out = log(work, "dvp-train", cut)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out[-4000:] + slurm.logs()
-    assert "stopped: SIGUSR1 during training" in out and f"requeueing job {cut}" in out, out[-4000:]
+    # the signal lands within the epoch or, where steps 25-40 outran scancel, in the validation at its end
+    assert re.search(r"stopped: SIGUSR1 (during training|at the end of an epoch)", out), out[-4000:]
+    assert f"requeueing job {cut}" in out, out[-4000:]
     resumed = [line for line in out.splitlines() if "resumed at step" in line]
     assert resumed and 25 <= int(resumed[0].rsplit(" ", 1)[1]) < 80, out[-4000:]
     assert "restart 1" in out and json.loads((cut_dir / "stop.json").read_text())["step"] == 80
