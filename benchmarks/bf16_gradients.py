@@ -12,6 +12,7 @@ cosine similarity of the reference with
 - `other_batch`: float32, another batch (minibatch noise).
 A bf16 cosine below the two noise columns means mixed precision degrades the gradient more than sampling does.
 Results go to `--out` as JSON; the table is printed. The backward pass runs outside autocast, as in training.
+Everything runs on the run's device (the GPU when there is one: autocast on CUDA, float32 without TF32).
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ import torch
 from dvp.core.config import from_dict
 from dvp.data.batches import model_inputs
 from dvp.data.datasets import load_data
-from dvp.dist.context import init
+from dvp.dist.context import DistContext, init
 from dvp.dist.launch import detect
 from dvp.dist.noise import Noise
 from dvp.model.objectives import elbo_stats
+from dvp.model.precision import autocast, float32_math
 from dvp.model.vae import HierarchicalVAE, build_model
 from dvp.train.checkpoint import load_checkpoint
 from dvp.train.engines import make_engine
@@ -61,14 +63,14 @@ def gradient(model: HierarchicalVAE, x: torch.Tensor, x_target: torch.Tensor, bf
              seed: int) -> dict[str, torch.Tensor]:
     """Flattened gradient of the training loss per parameter group; noise from `seed`."""
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with autocast("bf16" if bf16 else "fp32", x.device):
         terms = model(x, x_target, noise=noise(seed, len(x)))
     elbo_stats(terms, model.image_shape)["loss"].backward()
     return grouped(model)
 
 
-def deepspeed_gradient(state: dict, x: torch.Tensor, x_target: torch.Tensor, seed: int,
-                       stage: int) -> dict[str, torch.Tensor]:
+def deepspeed_gradient(state: dict, x: torch.Tensor, x_target: torch.Tensor, seed: int, stage: int,
+                       ctx: DistContext) -> dict[str, torch.Tensor]:
     """The same gradient through the DeepSpeed engine in bf16 (one process, ZeRO `stage`, gradient read after
     DeepSpeed's backward: stage 0 keeps it whole on the parameters)."""
     cfg = from_dict({**state["config"], "train": {**state["config"]["train"], "precision": "bf16"},
@@ -77,7 +79,7 @@ def deepspeed_gradient(state: dict, x: torch.Tensor, x_target: torch.Tensor, see
     cfg.train.batch_size = len(x)
     model = build_model(cfg, tuple(state["image_shape"]))
     model.load_state_dict(state["engine"]["model"])
-    engine = make_engine(model, cfg, tuple(state["image_shape"]), init(detect({})))
+    engine = make_engine(model, cfg, tuple(state["image_shape"]), ctx)
     terms = engine.ds(x, x_target, noise=noise(seed, len(x)))
     engine.ds.backward(elbo_stats(terms, engine.image_shape)["loss"])
     return grouped(engine.module)
@@ -96,21 +98,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     state = load_checkpoint(Path(args.checkpoint))
     cfg = from_dict(state["config"])
+    ctx = init(detect({}))
     model = build_model(cfg, tuple(state["image_shape"]))
     model.load_state_dict(state["engine"]["model"])
-    train = load_data("mnist", args.data_root).train
+    model.to(ctx.device)
+    train = load_data("mnist", args.data_root).train.to(ctx.device)
     batch_a = model_inputs(train[:BATCH], binarize=True, noise=noise(0, BATCH))
     batch_b = model_inputs(train[BATCH:2 * BATCH], binarize=True, noise=noise(1, BATCH))
-    ref = gradient(model, *batch_a, bf16=False, seed=7)
-    compared = {"bf16": gradient(model, *batch_a, bf16=True, seed=7),
-                "deepspeed_bf16": deepspeed_gradient(state, *batch_a, seed=7, stage=args.zero_stage),
-                "other_noise": gradient(model, *batch_a, bf16=False, seed=8),
-                "other_batch": gradient(model, *batch_b, bf16=False, seed=7)}
+    with float32_math(tf32=False):
+        ref = gradient(model, *batch_a, bf16=False, seed=7)
+        compared = {"bf16": gradient(model, *batch_a, bf16=True, seed=7),
+                    "deepspeed_bf16": deepspeed_gradient(state, *batch_a, seed=7, stage=args.zero_stage,
+                                                         ctx=ctx),
+                    "other_noise": gradient(model, *batch_a, bf16=False, seed=8),
+                    "other_batch": gradient(model, *batch_b, bf16=False, seed=7)}
     cosine = {k: {c: torch.nn.functional.cosine_similarity(ref[k], grads[k], 0).item()
                   for c, grads in compared.items()} for k in ref}
     rel_err = {k: {c: ((compared[c][k] - ref[k]).norm() / ref[k].norm()).item()
                    for c in ("bf16", "deepspeed_bf16")} for k in ref}
-    out = {"checkpoint": str(args.checkpoint), "step": state["loop"].get("step"), "batch": BATCH,
+    out = {"checkpoint": str(args.checkpoint), "device": str(ctx.device), "step": state["loop"].get("step"),
+           "batch": BATCH,
            "zero_stage": args.zero_stage, "cosine": cosine, "relative_error": rel_err}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

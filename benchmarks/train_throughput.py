@@ -15,12 +15,14 @@ Inductor's own generator, so compiled settings see different z/u/t noise: their 
 noise.)
 
 The parent also measures the model FLOPs of one training step per image (forward + backward, fp32 eager,
-`torch.utils.flop_counter`) and this machine's dense matmul peak (n x n bf16 and fp32 `torch.matmul`, n =
-`--matmul-size`, default 4096, best of a few; a CPU without native bf16 takes minutes per 4096^2 bf16 product,
-the quick check's 256 seconds), and reports GFLOP/s achieved and its fraction of the bf16 peak. One extra
-profiled step per setting gives the seconds spent inside the convolutions (`conv_s_per_step`): their share of
-the step, and the speedup over fp32_eager that the setting would reach if everything but its convolutions cost
-nothing (`ceiling_speedup`). Results go to `--out` as JSON.
+`torch.utils.flop_counter`) and the run's device's dense matmul peak (n x n bf16 and fp32 `torch.matmul` on
+the GPU when there is one, else the CPU; n = `--matmul-size`, default 4096, best of a few, the GPU
+synchronised around each timed batch of products; a CPU without native bf16 takes minutes per 4096^2 bf16
+product, the quick check's 256 seconds), and reports GFLOP/s achieved and its fraction of the bf16 peak. One
+extra profiled step per setting gives the seconds spent inside the convolutions (`conv_s_per_step`; on a GPU
+the kernels' device time): their share of the step, and the speedup over fp32_eager that the setting would
+reach if everything but its convolutions cost nothing (`ceiling_speedup`). fp32 is true float32 on a GPU
+(train.tf32=false, as dvp-train sets it; cudnn.benchmark on). Results go to `--out` as JSON.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from dvp.dist.context import init
 from dvp.dist.launch import detect
 from dvp.model.blocks import Float32Conv2d
 from dvp.model.objectives import elbo_stats
+from dvp.model.precision import configure_training
 from dvp.model.vae import HierarchicalVAE, build_model
 from dvp.train.engine_torch import TorchEngine
 from dvp.train.loop import lr_at
@@ -101,19 +104,23 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = config(setting, args.seed, args.batch)
     train = images(args.data_root, args.seed)
     data = batches(train, args.warmup + args.steps, args.seed, args.batch)
-    engine = TorchEngine(model_for(cfg, train), cfg, (1, 28, 28), init(detect({})))
+    ctx = init(detect({}))
+    configure_training(cfg.train.tf32, ctx.device)
+    engine = TorchEngine(model_for(cfg, train), cfg, (1, 28, 28), ctx)
     engine.set_lr(lr_at(0, cfg.train))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times, nelbos = [], []
     for step, x in enumerate(data):
         t0 = time.perf_counter()
         stats = engine.step(x, step)
+        synchronize(ctx.device)
         times.append(time.perf_counter() - t0)
         nelbos.append(stats["nelbo"])
     timed = times[args.warmup:]
     median = statistics.median(timed)
     conv_s = conv_seconds(engine, data[-1])
-    return {"setting": setting, **SETTINGS[setting], "threads": torch.get_num_threads(),
+    return {"setting": setting, **SETTINGS[setting], "device": str(ctx.device),
+            "threads": torch.get_num_threads(),
             "warmup_steps": args.warmup, "timed_steps": args.steps,
             "first_step_s": times[0], "warmup_s": sum(times[:args.warmup]),
             "s_per_step": median, "s_per_step_min": min(timed), "images_per_s": args.batch / median,
@@ -122,18 +129,30 @@ def run_child(setting: str, args: argparse.Namespace) -> dict[str, Any]:
             "nelbo_steps": nelbos, "nelbo_final": statistics.fmean(nelbos[-min(LAST, args.steps):])}
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (nothing on CPU): a timed interval then holds its kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def conv_seconds(engine: TorchEngine, x: torch.Tensor) -> float:
     """Seconds of one extra (profiled, untimed) step spent inside convolutions and matrix products, forward and
-    backward (oneDNN convolutions, and the float32 1x1 convolutions that run as `mm`/`addmm`).
+    backward (oneDNN or cuDNN convolutions, and the float32 1x1 convolutions that run as `mm`/`addmm`/
+    `baddbmm`): CPU time of those operators on CPU, the device time of their kernels on a GPU.
 
     These carry nearly all the FLOPs, so 1 / (this time) bounds the step rate that fusing or removing everything
     else could reach: the ceiling reported next to each setting.
     """
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         engine.step(x, 0)
-    conv_ops = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::mm", "aten::addmm", "aten::bmm")
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in conv_ops) / 1e6
+        synchronize(engine.device)
+    conv_ops = ("aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::convolution_backward",
+                "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+    events = [e for e in prof.key_averages() if e.key in conv_ops]
+    return sum(e.device_time_total if cuda else e.self_cpu_time_total for e in events) / 1e6
 
 
 def flops_per_image(args: argparse.Namespace) -> float:
@@ -149,16 +168,31 @@ def flops_per_image(args: argparse.Namespace) -> float:
     return counter.get_total_flops() / args.batch
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
-    """Best-of-`reps` TFLOP/s of an n x n x n `torch.matmul` in `dtype`."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.matmul(a, b)
+def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5,
+                device: torch.device | None = None) -> float:
+    """Best-of-`reps` TFLOP/s of n x n x n `torch.matmul`s in `dtype` on `device` (default: the GPU if there
+    is one, else the CPU). On a GPU each timed rep is 20 products between synchronisations (one 4096^3 bf16
+    product takes ~0.1 ms there) and float32 is true float32 (no TF32)."""
+    from dvp.model.precision import float32_math
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    inner = 20 if device.type == "cuda" else 1
     best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    with float32_math(tf32=False):
         torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
+        synchronize(device)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                torch.matmul(a, b)
+            synchronize(device)
+            best = min(best, (time.perf_counter() - t0) / inner)
     return 2 * n ** 3 / best / 1e12
+
+
+def device_name() -> str:
+    """The GPU's name when there is one, else the CPU's model name."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else cpu()["model_name"]
 
 
 def cpu() -> dict[str, Any]:
@@ -225,7 +259,8 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+    print(f"{device_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, data: {args.data_root or 'random'}", flush=True)
     results = [run_setting(s, args) for s in args.settings]   # first: a child inherits the parent's peak RSS
     flops = flops_per_image(args)
@@ -244,7 +279,8 @@ def main() -> None:
         r["ceiling_speedup"] = base["s_per_step"] / r["conv_s_per_step"] if base else None
         r["dnelbo_rel"] = (r["nelbo_final"] - base["nelbo_final"]) / abs(base["nelbo_final"]) if base else None
     out = {"experiment": "mnist/dvp_vae", "batch_size": args.batch, "torch": torch.__version__,
-           "machine": platform.processor() or platform.machine(), "cpu": cpu(), "threads": torch.get_num_threads(),
+           "machine": platform.processor() or platform.machine(), "cpu": cpu(), "device": device_name(),
+           "threads": torch.get_num_threads(),
            "data": args.data_root or "random", "seed": args.seed, "warmup_steps": args.warmup,
            "timed_steps": args.steps, "flops_per_image": flops, "matmul_size": args.matmul_size,
            "matmul_peak_tflops": peak, "results": results}

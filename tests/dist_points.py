@@ -42,7 +42,7 @@ def _elbo_stats(original: Any) -> Any:
 
 
 def _step(original: Any) -> Any:
-    def step(self: Any, x: Any, index: int) -> dict:
+    def step(self: Any, x: Any, index: int, *rest: Any) -> dict:
         global poison
         hit = MY_RANK == RANK and index == STEP
         if hit and EVENT == "kill":
@@ -54,7 +54,7 @@ def _step(original: Any) -> Any:
             time.sleep(float(os.environ.get("DVP_PAUSE_S", "30")))
         poison = hit and EVENT == "nan"
         try:
-            return original(self, x, index)
+            return original(self, x, index, *rest)
         finally:
             poison = False
     return step

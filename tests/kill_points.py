@@ -25,6 +25,7 @@ import torch
 import dvp.cli.train
 import dvp.evaluate.sharded
 import dvp.train.loop
+import dvp.train.optim
 from dvp.train.logger import RunLogger
 
 
@@ -87,7 +88,7 @@ def _sigterm_on_nth(n: int, original: Callable[..., Any]) -> Callable[..., Any]:
 def main() -> int:
     point, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     if point == "step":
-        torch.optim.Adamax.step = _on_nth(n, torch.optim.Adamax.step, before=True)
+        dvp.train.optim.AdamaxEMA._adamax = _on_nth(n, dvp.train.optim.AdamaxEMA._adamax, before=True)
     elif point == "save":
         torch.save = _half_save(n)
     elif point == "after_val":

@@ -193,6 +193,24 @@ def _check_train_throughput(out: Outputs) -> None:
         assert math.isclose(row["gflops"], r["flops_per_image"] * row["images_per_s"] / 1e9)
     assert results["fp32_eager"]["speedup"] == 1.0 and results["fp32_eager"]["dnelbo_rel"] == 0.0
     assert abs(results["bf16"]["dnelbo_rel"]) < 0.05   # equal init, batches and noise: the same -ELBO nearly
+    assert r["device"] and all(row["device"] == "cpu" for row in results.values())   # the device measured
+
+
+def _check_gpu_check(out: Outputs) -> None:
+    r = out["gpu_check.json"]
+    assert r["quick"] is True and r["cuda"] is False and r["torch"] and r["deepspeed"] and r["python"]
+    sections = r["sections"]
+    assert list(sections) == ["throughput", "resume", "zero", "fp16_overflow", "is_nll", "tf32", "gpu_tests"]
+    assert all(s["ok"] and _finite(s["wall_s"]) for s in sections.values()), sections
+    f = {name: s["figures"] for name, s in sections.items()}
+    assert set(f["throughput"]["settings"]) == {"fp32_eager", "bf16"}
+    assert _finite(f["throughput"]["matmul_peak_tflops"]["bf16"])
+    assert f["resume"]["relative_l2"] == 0.0                    # CPU: the resumed run is bitwise the same
+    assert {k: v["steps"] for k, v in f["zero"].items()} == {"zero2": 2, "zero3": 2}
+    assert 1 <= f["fp16_overflow"]["skipped_steps"] < f["fp16_overflow"]["steps"]
+    assert f["is_nll"]["k"] == 10 and f["is_nll"]["nll"] < f["is_nll"]["nelbo"]
+    assert f["tf32"]["difference"] == 0.0                      # CPU: TF32 flags act on CUDA only
+    assert f["gpu_tests"] == {"skipped": "no GPU: the gpu mark needs one"}
 
 
 def _check_zero_across_hosts(out: Outputs) -> None:
@@ -297,6 +315,12 @@ QUICK: dict[str, Quick] = {
         lines=(r"\s+ASHA\s+grid", r"wall time \(s\)\s+\d+\s+\d+", r"optimizer steps\s+\d+\s+\d+",
                r"best val/nelbo\s+\d+\.\d{3}\s+\d+\.\d{3}", r"2 trials, \d stopped early by ASHA; .*",
                r"wrote .*/sweep_asha_vs_grid\.json")),
+    "gpu_check.py": Quick(
+        argv=("--quick", "--data-root", "{data}", "--work", "{tmp}/work", "--out", "{tmp}/gpu_check.json"),
+        outputs=("gpu_check.json",), check=_check_gpu_check,
+        lines=(r"resume\s+ok\s+[\d.]+ s  4 steps, relative L2 0\.00e\+00 \(tol 0\)",
+               r"total \d+ s; wrote .*/gpu_check\.json"),
+        mnist=(5500, 5)),               # 100 training images (val_size 5400): 4 steps per epoch
     "train_throughput.py": Quick(
         argv=("--steps", "1", "--warmup", "1", "--settings", "fp32_eager", "bf16", "--threads", "1",
               "--matmul-size", "256", "--batch", "25", "--out", "{tmp}/train_throughput.json"),

@@ -91,3 +91,28 @@ def test_ray_stop_without_a_folder_is_a_usage_error() -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}
     out = subprocess.run([sys.executable, "-m", "dvp.tune.ray_stop"], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "RAY_TMPDIR" in out.stderr
+
+
+GPU_JOBS = [   # (the sbatch shell's Slurm variables, what `scontrol show job` prints, the GPUs per node)
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "a100:4"}, "", "4"),              # --gpus-per-node=a100:4
+    ({"SLURM_GPUS_PER_NODE": "a100:8"}, "", "8"),                                         # an older Slurm
+    ({"SLURM_JOB_GPUS": "0,1,2"}, "   TresPerNode=gres/gpu:3", "3"),                      # --gres=gpu:3
+    ({}, "   TRES=cpu=8,node=2,gres/gpu=4 TresPerNode=gres/gpu:a100:2 ", "2"),            # --gres=gpu:a100:2
+    ({}, "   Gres=gpu:tesla:4 Reservation=(null)", "4"),                                  # Slurm before 21
+    ({"SLURM_GPUS_ON_NODE": "0"}, "   TresPerNode=gres/gpu:4", "0"),                      # --gpus-per-node=0
+    ({}, "   TRES=cpu=8,node=2 TresPerNode=(null)", "0"),                                 # a CPU job
+]
+
+
+@pytest.mark.parametrize("variables, scontrol, gpus", GPU_JOBS)
+def test_sweep_sbatch_counts_the_gpus_of_a_node_however_the_job_asked(variables: dict[str, str], scontrol: str,
+                                                                      gpus: str) -> None:
+    """The script's own `node_gpus` function, run by bash with the variables Slurm sets in the batch shell and
+    `scontrol` replaced by a function printing a job record (no Slurm here)."""
+    script = (ROOT / "cluster/slurm/sweep.sbatch").read_text()
+    node_gpus = re.search(r"^node_gpus\(\) \{.*?^\}$", script, re.S | re.M)
+    assert node_gpus is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | variables | {"SLURM_JOB_ID": "7"}
+    code = f"scontrol() {{ printf '%s\\n' {scontrol!r}; }}\n{node_gpus[0]}\nnode_gpus"
+    out = subprocess.run(["bash", "-uc", code], env=env, capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0 and out.stdout.strip() == gpus, (out.stdout, out.stderr)

@@ -209,6 +209,24 @@ def test_rendezvous_on_a_taken_port_or_without_rank_0_is_a_config_error(restored
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("launcher,check", [
+    ("torchrun", "give torchrun an address of rank 0's host that every host reaches: in --rdzv-endpoint, or with "
+                 "--rdzv-backend c10d as --local-addr on every host"),
+    ("openmpi", "check that MASTER_ADDR/MASTER_PORT name rank 0's host and port"),
+])
+def test_a_rendezvous_host_that_does_not_answer_is_named_with_what_set_it(launcher: str, check: str,
+                                                                        restored_environ: None) -> None:
+    """Under torchrun the user did not set MASTER_ADDR: the line names torchrun's options that decide it (its
+    rendezvous endpoint, or the --local-addr of rank 0's agent under c10d) and what the name resolves to here."""
+    port = _free_port()
+    with pytest.raises(ConfigError) as info:
+        init(LaunchEnv(launcher, 1, 1, 2, 2, "localhost", port), timeout_s=1)
+    message = str(info.value)
+    assert f"rendezvous at localhost:{port} (MASTER_ADDR:MASTER_PORT" in message, message
+    assert "nothing answered there (localhost is 127.0.0.1 from this host); start rank 0 too" in message, message
+    assert message.endswith(check) and ("set by torchrun" in message) == (launcher == "torchrun"), message
+
+
 WORKER = """
 import json, os, torch, torch.distributed as dist
 from dvp.dist.context import init

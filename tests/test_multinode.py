@@ -9,6 +9,7 @@ gradients as one process of micro-batch 16 in the same order, so the weights are
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from dvp.train.logger import read_metrics
 
 pytestmark = pytest.mark.multinode
 PORT = 29500
+SSH = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+       "-o", "LogLevel=ERROR"]
 STEPS = ["train.max_steps=6", "dist.zero_stage=0"]
 
 
@@ -39,11 +42,33 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+def readme_command(start: str, fill: dict[str, list[str]]) -> list[str]:
+    """The README's command across hosts that begins with `start` (with its `\\`-continued lines), as words, each
+    word that is a key of `fill` replaced by its words: the tests run what the README says, so that it cannot rot."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if line.startswith(start + " ")]
+    assert len(lines) == 1, f"README.md should hold one command that starts with {start!r}, not {lines}"
+    return [out for word in shlex.split(lines[0]) for out in fill.get(word, [word])]
+
+
 def torchrun(hosts: Hosts, node: int, run_dir: Path, *args: str) -> list[str]:
-    """torchrun's command for host `node` of a 2-host job, one process per host, rendezvous at node0."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(hosts.n), "--node_rank", str(node),
-            "--nproc_per_node", "1", "--rdzv-endpoint", f"{hosts.names[0]}:{PORT}", "-m", "dvp.train",
-            *COMMON, *args, f"run_dir={run_dir}"]
+    """The README's torchrun command for host `node` of the 2-host job (node0:29500 the rendezvous), one process
+    per host (torchrun as `python -m torch.distributed.run`, what its script runs)."""
+    assert hosts.names[0] == "node0" and PORT == 29500
+    return readme_command("torchrun --nnodes", {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run"], "R": [str(node)], "G": ["1"],
+        "run_dir=DIR": [f"run_dir={run_dir}"], "...": [*COMMON, *args]})
+
+
+def mpiexec(key: Path, run_dir: Path, *args: str, exports: tuple[str, ...] = ()) -> list[str]:
+    """The README's mpiexec command, run on node0 as root with the test's SSH key, the checkout as working
+    directory, one thread per rank and the variables `exports` of mpiexec's environment passed on."""
+    harness = ["--allow-run-as-root", "--mca", "plm_rsh_args", " ".join(["-i", str(key), *SSH]),
+               "--wdir", str(ROOT), "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONUNBUFFERED=1"]
+    harness += [word for name in exports for word in ("-x", name)]
+    return readme_command("mpiexec --host", {
+        "mpiexec": ["mpiexec", *harness], "python": [sys.executable], "run_dir=DIR": [f"run_dir={run_dir}"],
+        "...": [*COMMON, *args]})
 
 
 def run_on_all(hosts: Hosts, commands: list[list[str]], tmp: Path, timeout: float = 600,
@@ -137,38 +162,63 @@ def test_hosts_whose_names_resolve_to_another_network_still_join(reference: Path
                            and "on node0" in line for line in errors), errors
 
 
+def paused(command: list[str], step: int) -> list[str]:
+    """`command` with tests/dist_points.py in place of `-m dvp.train`: rank 1 pauses before `step`."""
+    at = command.index("dvp.train") - 1
+    return [*command[:at], str(ROOT / "tests" / "dist_points.py"), "pause", "1", str(step), *command[at + 2:]]
+
+
+def wait_for_mark(mark: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until the paused rank has written `mark` (the job is mid-step); `proc`, the launcher on node0, runs."""
+    deadline = time.monotonic() + timeout
+    while not mark.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+
+
+def watch(procs: list[subprocess.Popen], logs: list[Path], lines: list[str], timeout: float
+          ) -> tuple[list[float], list[float]]:
+    """Poll every 0.2 s until every process has exited: when log i first held a line matching lines[i] and when
+    process i exited (time.monotonic(); inf for what did not happen within `timeout`)."""
+    seen, ended = [float("inf")] * len(procs), [float("inf")] * len(procs)
+    deadline = time.monotonic() + timeout
+    while True:
+        for i, (proc, log, line) in enumerate(zip(procs, logs, lines)):
+            if seen[i] == float("inf") and re.search(line, log.read_text(errors="replace")):
+                seen[i] = time.monotonic()
+            if ended[i] == float("inf") and proc.poll() is not None:
+                ended[i] = time.monotonic()
+        if time.monotonic() > deadline or all(t < float("inf") for t in ended):
+            return seen, ended
+        time.sleep(0.2)
+
+
 def test_a_cut_link_stops_the_survivor_naming_the_lost_host_and_a_relaunch_resumes(tmp_path: Path) -> None:
     """Rank 1 pauses before step 5 (tests/dist_points.py `pause`) while rank 0 waits for it in that step's
     all-reduce; then node1's cable is pulled. Rank 0 stops within dist.timeout_s + 15 s with one line naming
-    rank 1 on node1; rank 1, cut off, names the rendezvous host. With the cable back, the same command on both
-    hosts resumes from the step-3 checkpoint and ends bitwise where one process with the same micro-batches
-    ends."""
+    rank 1 on node1; rank 1, cut off, names the rendezvous host; the torchrun agent on each host exits within
+    10 s of its rank's line (measured 1.5 s: nothing in the static rendezvous's agent waits on the store once its
+    workers have ended). With the cable back, the same command on both hosts resumes from the step-3 checkpoint
+    and ends bitwise where one process with the same micro-batches ends."""
     args = ["train.max_steps=8", "train.ckpt_every=3", "dist.zero_stage=0", "dist.timeout_s=20"]
     reference = tmp_path / "single16"
     ok(train(1, reference, *args, "dist.micro_batch=16"))
     run, mark = tmp_path / "run", tmp_path / "paused"
+    logs = [tmp_path / f"cut{i}.log" for i in range(2)]
     with Hosts(tmp_path, 2) as hosts:
         commands = [torchrun(hosts, i, run, *args) for i in range(2)]
-        paused = [[*c[:c.index("-m", 3)], str(ROOT / "tests" / "dist_points.py"), "pause", "1", "5",
-                   *c[c.index("-m", 3) + 2:]] for c in commands]
         env = {**_env(), "DVP_PAUSE_MARK": str(mark), "DVP_PAUSE_S": "40"}
-        procs = [hosts.popen(i, cmd, tmp_path / f"cut{i}.log", env=env, cwd=ROOT) for i, cmd in enumerate(paused)]
-        deadline = time.monotonic() + 300
-        while not mark.exists():
-            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "cut0.log").read_text()
-            time.sleep(0.5)
+        procs = [hosts.popen(i, paused(cmd, 5), logs[i], env=env, cwd=ROOT) for i, cmd in enumerate(commands)]
+        wait_for_mark(mark, procs[0], logs[0])
         hosts.link(1, up=False)
         cut = time.monotonic()
-        procs[0].wait(timeout=120)
-        stopped_after = time.monotonic() - cut
-        procs[1].wait(timeout=180)
-        logs = [(tmp_path / f"cut{i}.log").read_text(errors="replace") for i in range(2)]
-        assert procs[0].returncode != 0 and stopped_after < 20 + 15, (stopped_after, logs[0][-3000:])
-        assert re.search(rf"error: rank 0 on node0 lost rank 1 on node1 \({hosts.ips[1]}\): .*dist.timeout_s=20",
-                         logs[0]), logs[0][-3000:]
-        assert procs[1].returncode != 0
-        assert re.search(r"error: rank 1 on node1 lost rank 0 on node0 .*the rendezvous host", logs[1]), \
-            logs[1][-3000:]
+        lines = [rf"error: rank 0 on node0 lost rank 1 on node1 \({hosts.ips[1]}\): .*dist.timeout_s=20",
+                 r"error: rank 1 on node1 lost rank 0 on node0 .*the rendezvous host"]
+        seen, ended = watch(procs, logs, lines, timeout=180)
+        texts = [log.read_text(errors="replace")[-3000:] for log in logs]
+        assert seen[0] - cut < 20 + 15 and seen[1] < float("inf"), (seen, cut, texts)
+        for i in range(2):
+            assert procs[i].returncode != 0 and ended[i] - seen[i] < 10, (i, ended[i] - seen[i], texts[i])
         assert load_checkpoint(run / "checkpoints" / "last.pt")["loop"]["step"] == 3
         hosts.link(1, up=True)
         (tmp_path / "resume").mkdir()
@@ -180,25 +230,38 @@ def test_a_cut_link_stops_the_survivor_naming_the_lost_host_and_a_relaunch_resum
     assert [r["step"] for r in records(run)] == [r["step"] for r in records(reference)]   # each step once
 
 
-SSH = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-       "-o", "LogLevel=ERROR"]
-
-
 def test_mpiexec_over_ssh_on_two_hosts_trains_the_one_process_model(reference: Path, tmp_path: Path) -> None:
-    """The documented launch, `mpiexec -n N -x MASTER_ADDR=host0 dvp-train ...`, with Open MPI starting the
-    rank on node1 over SSH (an sshd per host): ranks from OMPI_COMM_WORLD_*, bitwise the one-process model."""
+    """The README's mpiexec command, with Open MPI starting the rank on node1 over SSH (an sshd per host): ranks
+    from OMPI_COMM_WORLD_*, bitwise the one-process model."""
     run = tmp_path / "run"
     with Hosts(tmp_path, 2) as hosts, hosts.sshd() as key:
         assert hosts.run(0, ["ssh", "-i", str(key), *SSH, "root@node1", "hostname"]).stdout.strip() == "node1"
-        cmd = ["mpiexec", "--allow-run-as-root", "--host", "node0,node1", "-n", "2",
-               "--mca", "plm_rsh_args", " ".join(["-i", str(key), *SSH]), "--wdir", str(ROOT),
-               "-x", "MASTER_ADDR=node0", "-x", f"MASTER_PORT={PORT}", "-x", "OMP_NUM_THREADS=1",
-               "-x", "PYTHONUNBUFFERED=1", sys.executable, "-m", "dvp.train", *COMMON, *STEPS, f"run_dir={run}"]
-        out = hosts.run(0, cmd, timeout=600, env=_env(), cwd=ROOT)
+        out = hosts.run(0, mpiexec(key, run, *STEPS), timeout=600, env=_env(), cwd=ROOT)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     assert "DeepSpeedEngine x 2" in out.stdout
     assert f"rank 0 node0 ({hosts.ips[0]}), rank 1 node1 ({hosts.ips[1]})" in out.stdout
     assert bitwise(run, reference)
+
+
+def test_mpiexec_ends_the_job_within_45_s_of_a_pulled_cable(tmp_path: Path) -> None:
+    """The README's mpiexec command; rank 1 pauses before step 1 while rank 0 waits for it, and node1's cable is
+    pulled. Open MPI's keepalive options (probes after 10 s idle, 3 every 5 s) make mpiexec declare node1's daemon
+    lost and end the job within 45 s (measured 27 s; without them it waited until the link came back), with its
+    message naming node1, long before dist.timeout_s=120 would let rank 0 give up."""
+    run, mark, log = tmp_path / "run", tmp_path / "paused", tmp_path / "mpiexec.log"
+    env = {**_env(), "DVP_PAUSE_MARK": str(mark), "DVP_PAUSE_S": "150"}
+    with Hosts(tmp_path, 2) as hosts, hosts.sshd() as key:
+        command = mpiexec(key, run, "train.max_steps=4", "dist.zero_stage=0", "dist.timeout_s=120",
+                          exports=("DVP_PAUSE_MARK", "DVP_PAUSE_S"))
+        proc = hosts.popen(0, paused(command, 1), log, env=env, cwd=ROOT)
+        wait_for_mark(mark, proc, log)
+        hosts.link(1, up=False)
+        cut = time.monotonic()
+        _, [ended] = watch([proc], [log], ["ORTE has lost communication"], timeout=120)
+        text = log.read_text(errors="replace")
+    assert ended - cut < 45 and proc.returncode != 0, (ended - cut, text[-3000:])
+    assert re.search(r"ORTE has lost communication with a remote daemon.*Remote daemon: .* on node node1", text,
+                     re.DOTALL), text[-3000:]
 
 
 @pytest.fixture

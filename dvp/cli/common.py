@@ -9,11 +9,12 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch.distributed as dist
+from omegaconf import DictConfig
 
 from dvp.core.config import experiments
 from dvp.core.errors import USER_ERRORS, ConfigError, Interrupted, PeerLost, one_line
@@ -36,8 +37,11 @@ Main keys (any key of configs/defaults.yaml works as key=value):
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
              "Broken pipe", "Timed out waiting", "timed out", "Watchdog caught collective operation timeout")
 """What a collective raises (gloo's RuntimeError, NCCL's messages) when another rank of the job has died or its
-host stopped answering (after dist.timeout_s)."""
-RESUME = "rerun the same command to resume from the last checkpoint"
+host stopped answering (after dist.timeout_s). On NCCL the exception reaches Python only through blocking wait
+(`dvp.dist.launch.nccl_error_settings`): a DistBackendError, '... timed out in blocking wait' or 'NCCL error ...
+remote process exited or there was a network error'."""
+RESUME = "rerun the command with this run's run_dir= (its first line) to resume from the last checkpoint"
+LOCAL_RANK_FLAG = "--local_rank"
 
 
 def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str], stop_signals: bool = True) -> int:
@@ -87,11 +91,41 @@ def peers_watched(ctx: DistContext, timeout_s: float) -> Iterator[None]:
                        ) from None
 
 
-def launch_context(timeout_s: float = 120.0) -> DistContext:
+def without_local_rank(argv: list[str], environ: Mapping[str, str]) -> list[str]:
+    """`argv` without the `--local_rank=N` (or `--local_rank N`) that the deepspeed launcher puts before the
+    script's arguments (`deepspeed --module dvp.train ...`; its `--no_local_rank` leaves it out). The device
+    comes from the environment (LOCAL_RANK, which that launcher sets too; `dvp.dist.launch.detect`): N is
+    ignored, but one that disagrees with the environment's local rank is a ConfigError."""
+    flags = [i for i, a in enumerate(argv) if a == LOCAL_RANK_FLAG or a.startswith(LOCAL_RANK_FLAG + "=")]
+    if not flags:
+        return argv
+    if len(flags) > 1:
+        raise ConfigError(f"{LOCAL_RANK_FLAG} is given {len(flags)} times; give it once (the deepspeed launcher "
+                          "adds it) or not at all")
+    i = flags[0]
+    if "=" in argv[i]:
+        text, end = argv[i].partition("=")[2], i + 1
+    else:
+        text, end = " ".join(argv[i + 1:i + 2]), i + 2
+    if not (text.isascii() and text.isdigit()):
+        raise ConfigError(f"{LOCAL_RANK_FLAG} {text!r} is not a local rank: give {LOCAL_RANK_FLAG}=N (N >= 0) "
+                          "or leave it out")
+    env = detect(environ)
+    if int(text) != env.local_rank:
+        raise ConfigError(f"{LOCAL_RANK_FLAG}={int(text)} disagrees with the {env.launcher} environment's local "
+                          f"rank {env.local_rank}: launch with one launcher, or leave the flag out")
+    return argv[:i] + argv[end:]
+
+
+def launch_context(dist_cfg: DictConfig | None = None) -> DistContext:
     """The distributed context of this launch (torchrun, deepspeed, srun, mpiexec, Ray or a plain process),
-    with the device from DeepSpeed's accelerator abstraction; ranks wait `timeout_s` for each other
-    (dist.timeout_s of dvp-train)."""
-    return init(detect(os.environ), timeout_s=timeout_s)
+    with the device from DeepSpeed's accelerator abstraction; `dist_cfg` (dvp-train's `dist` section; None: the
+    defaults) gives the device and how long ranks wait for each other (dist.device, dist.timeout_s,
+    dist.rendezvous_timeout_s)."""
+    if dist_cfg is None:
+        return init(detect(os.environ))
+    return init(detect(os.environ), timeout_s=dist_cfg.timeout_s, rendezvous_timeout_s=dist_cfg.rendezvous_timeout_s,
+                device=dist_cfg.device)
 
 
 def single_process_context(command: str) -> DistContext:

@@ -10,18 +10,19 @@ checkpoint and prints a table. `artifact=ENTITY/PROJECT/NAME:ALIAS` evaluates a 
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from dvp.cli.common import launch_context, run_cli
+from dvp.cli.common import launch_context, run_cli, without_local_rank
 from dvp.cli.runs import load_run, parse_args
 from dvp.core.paths import check_output_file
 from dvp.evaluate.sharded import evaluate_test, results_path
 
 
 def evaluate_cli(argv: list[str]) -> int:
-    args, overrides = parse_args(argv, allowed_prefixes=("eval.", "train.eval_batch_size", "data.root", "data.download"),
-                                 extra=("out",))
+    args, overrides = parse_args(without_local_rank(argv, os.environ), extra=("out",), allowed_prefixes=(
+        "eval.", "train.eval_batch_size", "data.root", "data.download"))
     ctx = launch_context()
     try:
         if "out" in args:

@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "dist.zero_stage": (0, 1, 2, 3),
     "dist.engine": ("auto", "torch", "deepspeed"),
+    "dist.device": ("auto", "cpu", "cuda"),
     "eval.is_weight": ("iwae", "analytic_kl"),
     "eval.weights": ("ema", "raw"),
     "eval.precision": ("fp32", "bf16"),
@@ -50,7 +51,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 NULLABLE: dict[str, type] = {
     "experiment": str, "run_dir": str, "data.root": str, "data.val_size": int, "model.input_mean": float,
     "model.input_std": float, "train.max_steps": int, "train.num_threads": int, "eval.max_images": int,
-    "dist.micro_batch": int,
+    "dist.micro_batch": int, "dist.rendezvous_timeout_s": float, "train.channels_last": bool,
+    "eval.chunks_per_pass": int,
     "wandb.entity": str, "wandb.group": str,
 }
 """Keys whose default is null, with the type a non-null value must have; every other key refuses null."""
@@ -99,10 +101,12 @@ RANGES: dict[str, Range] = {
     "train.grad_clip": NON_NEGATIVE, "train.grad_skip": NON_NEGATIVE, "train.max_skips": AT_LEAST_1,
     "train.ema": Range(0, 1, hi_open=True), "train.patience": AT_LEAST_1, "train.seed": SEED,
     "train.max_minutes": NON_NEGATIVE, "train.ckpt_every": NON_NEGATIVE, "train.log_every": AT_LEAST_1,
+    "train.fp16_init_scale": POSITIVE,
     "train.num_threads": Range(1, 1024), "dist.zero_stage": Range(0, 3), "dist.micro_batch": AT_LEAST_1,
-    "dist.timeout_s": POSITIVE,
+    "dist.timeout_s": POSITIVE, "dist.rendezvous_timeout_s": POSITIVE,
     "eval.is_samples": AT_LEAST_1,
     "eval.is_chunk": AT_LEAST_1, "eval.max_images": AT_LEAST_1, "eval.batch_size": AT_LEAST_1,
+    "eval.chunks_per_pass": AT_LEAST_1,
 }
 """The allowed range of every numeric key of configs/defaults.yaml (a test checks that none is missing)."""
 ORDERED: tuple[tuple[str, str], ...] = (("model.min_logvar", "model.max_logvar"),

@@ -116,6 +116,13 @@ def use_interface_of(address: str) -> Interface | None:
     return Interface(name, address, chosen=True)
 
 
+def current_interface() -> Interface | None:
+    """The interface GLOO_SOCKET_IFNAME names (set by the user, or by `use_interface_of` in a Ray worker), or None
+    where it is unset: for a process group that another library made (Ray Train)."""
+    given = os.environ.get("GLOO_SOCKET_IFNAME")
+    return _given(given) if given else None
+
+
 def _given(value: str) -> Interface:
     """The interface GLOO_SOCKET_IFNAME names (its first, when it lists several), checked to exist here."""
     names = value.split(",")

@@ -5,6 +5,9 @@ group and device are dvp.dist.context's `init`:
 
     ctx = init(detect(os.environ))
 
+Two more pure functions of the environment: `gpu_request` (whether the launch asked for a GPU: CUDA_VISIBLE_DEVICES,
+Slurm's GPU variables) and `nccl_error_settings` (the NCCL error handling to export where the user has not).
+
 Launch commands, and the variables `detect` reads for each:
 
     python -m dvp.train ...
@@ -43,21 +46,12 @@ A half-set or inconsistent environment is a one-line `ConfigError` naming the va
 """
 from __future__ import annotations
 
-import logging
-import os
 import re
-import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
+from dvp.core.errors import ConfigError
 
-from dvp.core.errors import USER_ERRORS, ConfigError
-
-T = TypeVar("T")
 LAUNCHERS = ("single", "torchrun", "deepspeed", "slurm", "openmpi", "mpich", "ray")
 DEFAULT_PORT = 29500
 LOCALHOST = "127.0.0.1"
@@ -294,3 +288,55 @@ def detect(environ: Mapping[str, str]) -> LaunchEnv:
     if _slurm_tasks(environ) > 1:
         return _slurm(environ)
     return LaunchEnv("single", 0, 0, 1, 1, LOCALHOST, DEFAULT_PORT)
+
+
+NCCL_BLOCKING_WAIT = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")   # torch reads the first one set
+
+
+def nccl_error_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The NCCL error-handling variables to export before an NCCL process group is made, each where the user
+    (`environ`) has not set it: so that a collective a lost rank never joins raises a Python exception
+    (DistBackendError) in the calling thread after dist.timeout_s, which dvp turns into its one line naming the
+    lost rank, instead of an abort from torch's C++ watchdog thread (torch 2.14, ProcessGroupNCCL.hpp):
+
+    TORCH_NCCL_BLOCKING_WAIT=1   `wait()` on a collective blocks the calling thread until the collective ends
+        or the group's timeout passes, then aborts the communicators and raises there. No watchdog thread (and
+        no heartbeat monitor) is created, so nothing aborts the process from C++: the one line holds. Cost: the
+        host waits for each collective (no host/GPU overlap across one). TORCH_NCCL_BLOCKING_WAIT=0 set by the
+        user keeps the watchdog instead, and a lost rank then ends the process with its C++ trace.
+    Not set, as they act only through the watchdog, which blocking wait does not start:
+    TORCH_NCCL_ASYNC_ERROR_HANDLING (the watchdog's action on an error: 3, tear the process down, by default;
+    torchrun exports 1), TORCH_NCCL_DUMP_ON_TIMEOUT and TORCH_NCCL_TRACE_BUFFER_SIZE (the watchdog's flight
+    recorder dump), TORCH_NCCL_ENABLE_MONITORING and TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC (its heartbeat monitor)."""
+    if any(name in environ for name in NCCL_BLOCKING_WAIT):
+        return {}
+    return {"TORCH_NCCL_BLOCKING_WAIT": "1"}
+
+
+SLURM_GPU_COUNTS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS")
+SLURM_GPU_IDS = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+NO_DEVICES = ("", "NoDevFiles", "-1")
+"""CUDA_VISIBLE_DEVICES values that hide every GPU (Slurm sets NoDevFiles in a job without GPUs)."""
+
+
+def gpu_request(environ: Mapping[str, str]) -> str | None:
+    """What in the launch environment asks this process for a GPU, as 'NAME=value', or None: a CUDA_VISIBLE_DEVICES
+    that names devices, or Slurm GPUs (a count such as SLURM_GPUS_ON_NODE=4 or SLURM_GPUS_PER_NODE=a100:8 above
+    0, or a GPU id list such as SLURM_JOB_GPUS=0,1). DS_ACCELERATOR=cpu chooses the CPU: no request."""
+    if environ.get("DS_ACCELERATOR", "").strip() == "cpu":
+        return None
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() not in NO_DEVICES:
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    for name in SLURM_GPU_COUNTS + SLURM_GPU_IDS:
+        value = environ.get(name, "").strip()
+        count = len(value.split(",")) if name in SLURM_GPU_IDS else _slurm_gpu_count(value)
+        if value and value not in NO_DEVICES and count > 0:
+            return f"{name}={value}"
+    return None
+
+
+def _slurm_gpu_count(value: str) -> int:
+    """The number in a Slurm GPU count: '4', 'a100:4', 'gpu:a100:4' -> 4; anything else -> 0."""
+    match = re.fullmatch(r"(?:[\w.-]+:)*(\d+)", value)
+    return int(match[1]) if match else 0

@@ -15,6 +15,11 @@ Row layouts: a tensor of `reps * (hi - lo) * inner` rows holds, in order, `reps`
 (`repeat_interleave(inner)`, the diffusion quadrature points).
 
 `noise=None` in the model means the process's default torch RNG (sampling, single-image tools).
+
+Under torch.compile (train.compile) every draw runs outside the compiled graph (`torch.compiler.disable`): it
+is the eager draw from the seeded generator, bit for bit, never a traced copy that Inductor could replace with
+its own RNG (functionalised Philox draws that ignore the generator would give every rank the same rows and
+break world-size invariance and exact resume). The cost is one graph break per draw (a few per forward).
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ class Noise:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
+    @torch.compiler.disable
     def _global(self, like: Tensor, inner: int, draw: str) -> Tensor:
         local = self.hi - self.lo
         rows = like.shape[0]

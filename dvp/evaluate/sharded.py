@@ -1,8 +1,11 @@
 """Sharded evaluation of a model on a split: the mean -ELBO terms and active units (every validation), and the test
 set's ELBO, importance-sampled NLL, bits/dim, per-layer KL and sampling time (the end of a run, and dvp-eval).
 
-Each rank takes its rows of every batch; every draw is by global row (dvp.dist.noise); sums are all-reduced, so
-every rank gets the single-process numbers up to float summation order.
+The ELBO: each rank takes its rows of every batch, every draw by global row (dvp.dist.noise). The IS-NLL: each
+rank takes whole batches of eval.batch_size test images (so every rank works up to n_test / batch_size ranks),
+every draw by batch index. Sums are all-reduced, so every rank gets the single-process numbers up to float
+summation order. Every evaluation forward pass is true float32 (no TF32) or eval.precision's autocast
+(dvp.model.precision.evaluation).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from dvp.dist.context import DistContext
 from dvp.dist.noise import Noise, noise_seed, shard
 from dvp.evaluate.progress import ImageProgress, is_nll_cost
 from dvp.model.objectives import active_units, bits_per_dim, elbo_stats, importance_sampled_nll, moments
-from dvp.model.precision import autocast
+from dvp.model.precision import evaluation
 from dvp.model.vae import HierarchicalVAE
 
 
@@ -48,7 +51,7 @@ def evaluate_elbo(model: HierarchicalVAE, x_all: torch.Tensor, cfg: DictConfig, 
         lo, hi = (0, 1) if empty else (lo, hi)
         noise = Noise(noise_seed(seed, stream, index), len(x), lo, hi)
         x_enc, x_target = model_inputs(x[lo:hi].to(device), cfg.data.binarize, cfg.data.encoder_sees, noise)
-        with autocast(cfg.eval.precision, device):
+        with evaluation(cfg.eval.precision, device):
             terms = model(x_enc, x_target, quadrature=quadrature, noise=noise)
         weight = 0.0 if empty else float(hi - lo)
         summed = moments(terms.mu_q) * (0.0 if empty else 1.0)
@@ -63,33 +66,86 @@ def evaluate_elbo(model: HierarchicalVAE, x_all: torch.Tensor, cfg: DictConfig, 
     return {k: float(v) / len(x_all) for k, v in zip(keys, total.cpu())}
 
 
+class ChunkDraws:
+    """The draws of consecutive importance-sampling chunks run in one forward pass: each chunk's own `Noise`,
+    concatenated along the sample axis (the layout reps x rows x inner of dvp.dist.noise, the chunks' samples
+    in order). A pass of any number of chunks therefore sees the draws of those chunks run one by one, and the
+    estimate does not depend on how many chunks a pass holds."""
+
+    def __init__(self, chunks: list[Noise]) -> None:
+        self.chunks = chunks
+
+    def _draw(self, like: torch.Tensor, inner: int, draw: str) -> torch.Tensor:
+        parts, start = [], 0
+        for chunk in self.chunks:
+            rows = chunk.reps * (chunk.hi - chunk.lo) * inner
+            parts.append(getattr(chunk, draw)(like[start:start + rows], inner))
+            start += rows
+        return torch.cat(parts)
+
+    def randn_like(self, like: torch.Tensor, inner: int = 1) -> torch.Tensor:
+        return self._draw(like, inner, "randn_like")
+
+    def rand_like(self, like: torch.Tensor, inner: int = 1) -> torch.Tensor:
+        return self._draw(like, inner, "rand_like")
+
+
+def samples_per_pass(model: HierarchicalVAE, x_enc: torch.Tensor, x_target: torch.Tensor,
+                     e: DictConfig) -> int:
+    """Importance samples per forward pass: eval.chunks_per_pass x eval.is_chunk (at most K). With null: one
+    chunk on CPU; on CUDA as many chunks as fit in half the memory still available, from the peak memory of
+    one chunk's forward pass on this batch (a probe with fixed draws; its result is not used)."""
+    chunks = e.chunks_per_pass
+    if chunks is None and x_enc.device.type == "cuda":
+        device, rows = x_enc.device, len(x_enc)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        rep = (e.is_chunk,) + (1,) * (x_enc.dim() - 1)
+        with evaluation(e.precision, device):
+            model(x_enc.repeat(rep), x_target.repeat(rep), quadrature=True,
+                  noise=Noise(0, rows, 0, rows, reps=e.is_chunk))
+        per_chunk = torch.cuda.max_memory_allocated(device) - before
+        free, _ = torch.cuda.mem_get_info(device)
+        available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        chunks = max(1, int(available / 2 // max(per_chunk, 1)))
+    return min(e.is_samples, (chunks or 1) * e.is_chunk)
+
+
 def _is_nll_sum(model: HierarchicalVAE, x_test: torch.Tensor, cfg: DictConfig, ctx: DistContext | None,
                 seed: int, progress_period: float) -> float:
     """Sum over the images of the K-sample IS-NLL (`eval.*`), one binarisation per batch shared by its K
-    samples, each rank taking its rows of every batch (draws by global row, see dvp.dist.noise); the sum is
-    all-reduced. Progress on stderr from rank 0."""
+    samples. The test set is cut into batches of eval.batch_size images; each rank takes whole batches
+    (`shard` of the batch indices). The draws of batch b are `Noise(noise_seed(seed, "is", b, first))` for
+    each chunk of eval.is_chunk samples first..first+is_chunk and `Noise(noise_seed(seed, "is_binarize", b))`,
+    whatever the world size and however many chunks a forward pass holds (`samples_per_pass`, `ChunkDraws`):
+    the same numbers up to float rounding. The sum is all-reduced. Progress of rank 0's batches on stderr
+    from rank 0."""
     e = cfg.eval
     device = next(model.parameters()).device
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    starts = range(0, len(x_test), e.batch_size)
+    first, last = shard(len(starts), rank, world)
+    mine = [(index, x_test[start:start + e.batch_size]) for index, start in enumerate(starts)][first:last]
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-    with ImageProgress(len(x_test), "IS-NLL", progress_period, show=rank == 0) as progress:
-        for index, start in enumerate(range(0, len(x_test), e.batch_size)):
-            x = x_test[start:start + e.batch_size]
-            lo, hi = shard(len(x), rank, world)
-            if hi > lo:
-                binarize = Noise(noise_seed(seed, "is_binarize", index), len(x), lo, hi)
-                x_enc, x_target = model_inputs(x[lo:hi].to(device), cfg.data.binarize, cfg.data.encoder_sees,
-                                               binarize)
+    seen, per_pass = 0, 0
+    with ImageProgress(sum(len(x) for _, x in mine), "IS-NLL", progress_period, show=rank == 0) as progress:
+        for index, x in mine:
+            binarize = Noise(noise_seed(seed, "is_binarize", index), len(x), 0, len(x))
+            x_enc, x_target = model_inputs(x.to(device), cfg.data.binarize, cfg.data.encoder_sees, binarize)
+            per_pass = per_pass or samples_per_pass(model, x_enc, x_target, e)
 
-                def noise(first: int, n: int, index: int = index, rows: int = len(x), lo: int = lo,
-                          hi: int = hi) -> Noise:
-                    return Noise(noise_seed(seed, "is", index, first), rows, lo, hi, reps=n)
+            def noise(first: int, n: int, index: int = index, rows: int = len(x)) -> ChunkDraws:
+                return ChunkDraws([Noise(noise_seed(seed, "is", index, start), rows, 0, rows,
+                                         reps=min(e.is_chunk, first + n - start))
+                                   for start in range(first, first + n, e.is_chunk)])
 
-                with autocast(e.precision, device):
-                    nll = importance_sampled_nll(model, x_enc, x_target, e.is_samples, e.is_chunk, e.is_weight,
-                                                 noise)
-                nll_sum += nll.double().sum()
-            progress.update(len(x), f"nll {float(nll_sum) * world / (start + len(x)):.2f}")
+            with evaluation(e.precision, device):
+                nll = importance_sampled_nll(model, x_enc, x_target, e.is_samples, per_pass, e.is_weight,
+                                             noise)
+            nll_sum += nll.double().sum()
+            seen += len(x)
+            progress.update(len(x), f"nll {float(nll_sum) / seen:.2f}, {per_pass} samples/pass")
     return float(ctx.all_reduce_sum(nll_sum) if ctx is not None else nll_sum)
 
 

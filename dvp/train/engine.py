@@ -1,9 +1,10 @@
 """Training engines: the only owners of the parameters, the optimizer state and the EMA.
 
     engine = make_engine(model, cfg, image_shape, ctx)     # dvp.train.engines: TorchEngine or DeepSpeedEngine
-    stats = engine.step(x, step)       # x: the GLOBAL batch of optimizer step `step`; one stats dict, the same on
-                                       # every rank: loss, nelbo, recon, kl_z, kl_u, kl/<l>, grad_norm, skipped,
-                                       # skipped_total, nonfinite_loss, nonfinite_grad
+    stats = engine.step(x, step, votes)  # x: the GLOBAL batch of optimizer step `step`; one stats dict, the
+                                       # same on every rank: loss, nelbo, recon, kl_z, kl_u, kl/<l>, grad_norm,
+                                       # skipped, skipped_total, nonfinite_loss, nonfinite_grad; engine.votes:
+                                       # votes() summed over the ranks in the same all-reduce (optional)
     engine.set_lr(lr)
     model = engine.eval_view("ema")    # full float32 weights (gathered where partitioned) in a separate module
     state = engine.full_state()        # model, ema, optimizer moments by parameter name, counters (collective)
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,7 +38,29 @@ from torch import Tensor, nn
 from dvp.data.batches import model_inputs
 from dvp.dist.context import DistContext
 from dvp.dist.noise import Noise, noise_seed, shard
+from dvp.model.precision import memory_format
 from dvp.train.optim import AdamaxEMA
+
+Votes = Callable[[], list[float]]
+"""A rank's flags ('a signal arrived', 'out of time', ...) that `step` sums over the ranks with its statistics."""
+
+
+class LossScale(torch.amp.GradScaler):
+    """torch's dynamic loss scaling for fp16: s starts at train.fp16_init_scale; a step with a non-finite
+    scaled gradient is skipped and s <- s / 2; 2000 applied steps in a row double s. `back_off` is the update()
+    of a skipped step whose overflow someone else found (DeepSpeed ZeRO 1-3), as update() after a found inf."""
+
+    def back_off(self) -> None:
+        state = self.state_dict()
+        backed_off = state["scale"] * self.get_backoff_factor()
+        self.load_state_dict({**state, "scale": backed_off, "_growth_tracker": 0})
+
+
+def loss_scale(cfg: DictConfig, device: torch.device) -> LossScale | None:
+    """The fp16 loss scaler of a run (None unless train.precision=fp16)."""
+    if cfg.train.precision != "fp16":
+        return None
+    return LossScale(device.type, init_scale=cfg.train.fp16_init_scale)
 
 
 def micro_batch(cfg: DictConfig, world_size: int) -> int:
@@ -53,10 +76,12 @@ class Engine:
         self.cfg, self.image_shape, self.ctx, self.device = cfg, image_shape, ctx, ctx.device
         self.micro = micro_batch(cfg, ctx.world_size)
         self.accumulation = cfg.train.batch_size // (ctx.world_size * self.micro)
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(cfg.train.channels_last, self.device)
         self.view = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.skipped_total = self.consecutive_skips = self.applied_steps = 0
+        self.votes: list[float] = []       # the last step's `votes()`, summed over the ranks
+        self.scaler: LossScale | None = None   # fp16's dynamic loss scale (set by the engine)
         self.optimizer: AdamaxEMA
 
     # ---- one optimizer step -----------------------------------------------------------------------------------
@@ -76,17 +101,23 @@ class Engine:
         n = self.applied_steps + 1
         t = self.cfg.train
         self.optimizer.decay = min(t.ema, (1 + n) / (10 + n)) if t.ema_warmup else t.ema
-        self.optimizer.applied, self.optimizer.grad_norm = False, math.nan
+        self.optimizer.applied = torch.zeros((), dtype=torch.bool, device=self.device)   # until step() says
+        self.optimizer.grad_norm = torch.full((), math.nan, device=self.device)
 
-    def _after_step(self, sums: dict[str, Tensor], rows: int) -> dict[str, float]:
-        """Global means of the micro-batch sums in one all-reduce; counters from the optimizer's decision."""
+    def _after_step(self, sums: dict[str, Tensor], rows: int, votes: Votes | None) -> dict[str, float]:
+        """Global means of the micro-batch sums, and the ranks' summed `votes()` (kept in `self.votes`), in
+        one all-reduce; with the optimizer's decision, read in the step's one host synchronisation."""
         keys = sorted(sums)
-        total = self.ctx.all_reduce_sum(torch.stack([sums[k].detach().float() for k in keys]).to(self.device))
-        out = {k: float(v) / rows for k, v in zip(keys, total.cpu())}
-        applied = self.optimizer.applied
-        out["grad_norm"] = self.optimizer.grad_norm
+        local = [sums[k].detach().float() for k in keys]
+        mine = torch.tensor(votes() if votes is not None else [], dtype=torch.float32).to(self.device)
+        total = self.ctx.all_reduce_sum(torch.cat([torch.stack(local), mine]))
+        decision = torch.stack([self.optimizer.grad_norm.float(), self.optimizer.applied.float()])
+        *values, grad_norm, applied = torch.cat([total, decision.to(self.device)]).tolist()
+        out = {k: v / rows for k, v in zip(keys, values)}
+        self.votes = values[len(keys):]
+        out["grad_norm"] = grad_norm
         out["nonfinite_loss"] = float(not math.isfinite(out["loss"]))
-        out["nonfinite_grad"] = float(not math.isfinite(out["grad_norm"]))
+        out["nonfinite_grad"] = float(not math.isfinite(grad_norm))
         if applied:
             self.applied_steps += 1
             self.consecutive_skips = 0
@@ -103,14 +134,24 @@ class Engine:
             sums[k] = sums.get(k, 0) + v.detach().float() * n
 
     # ---- state ------------------------------------------------------------------------------------------------
-    def counters(self) -> dict[str, int]:
-        return {"skipped_total": self.skipped_total, "consecutive_skips": self.consecutive_skips,
-                "applied_steps": self.applied_steps}
+    def counters(self) -> dict[str, float]:
+        """The step counters and, under fp16, the loss scale s and its count of applied steps since the last
+        change (so a resumed fp16 run scales as the uninterrupted one)."""
+        out: dict[str, float] = {"skipped_total": self.skipped_total, "consecutive_skips": self.consecutive_skips,
+                                 "applied_steps": self.applied_steps}
+        if self.scaler is not None and self.scaler.is_enabled():
+            scale = self.scaler.state_dict()
+            out |= {"loss_scale": float(scale["scale"]), "loss_scale_growth": int(scale["_growth_tracker"])}
+        return out
 
-    def load_counters(self, counters: dict[str, int]) -> None:
+    def load_counters(self, counters: dict[str, float]) -> None:
+        """Restore `counters()`; a checkpoint of another precision (no loss scale) keeps train.fp16_init_scale."""
         self.skipped_total = int(counters["skipped_total"])
         self.consecutive_skips = int(counters["consecutive_skips"])
         self.applied_steps = int(counters["applied_steps"])
+        if self.scaler is not None and self.scaler.is_enabled() and "loss_scale" in counters:
+            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": float(counters["loss_scale"]),
+                                         "_growth_tracker": int(counters["loss_scale_growth"])})
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -9,12 +9,24 @@ Choices, and why:
   which would also cast the float32 heads and residual-stream 1x1 convs (`blocks.Float32Conv2d`) and quantise
   0.001-sized EMA updates; under torch_autocast the parameters, gradients (all-reduced in float32:
   `lower_precision_safe_modules` is empty) and optimizer state stay float32, so the single-process engine's
-  precision policy holds as is. fp16 gets DeepSpeed's dynamic loss scaling (a torch GradScaler) at every stage.
+  precision policy holds as is. fp16 gets dynamic loss scaling by a torch GradScaler at every stage: ours
+  (`engine.LossScale`, train.fp16_init_scale), put in DeepSpeed's place. DeepSpeed calls the scaler's
+  update() only in the optimizer step that it reaches: at ZeRO 1-3 a step whose scaled gradient overflows ends
+  before it (DeepSpeed finds the overflow in the gradient norm), so the scale never backed off and every later
+  step overflowed too; `step` backs it off then, as torch's GradScaler does in the torch engine.
 - Optimizer: our `optim.AdamaxEMA` as the client optimizer (`zero_allow_untested_optimizer`); it clips, skips and
   keeps the EMA in its state, so ZeRO partitions, saves and gathers the EMA with the moments.
 - Batch: `train_micro_batch_size_per_gpu` = dist.micro_batch and `gradient_accumulation_steps` =
   train.batch_size / (world x micro); DeepSpeed divides each micro-batch loss by the accumulation steps and
   averages gradients over ranks, so the gradient is the global batch mean.
+- Communication: gradient buckets of clamp(n_params / 4, 2^16, 5e7) elements (`bucket_size`): a model above
+  256k parameters is reduced in 4 or more buckets, so with `overlap_comm` (ZeRO 2 and 3: DeepSpeed reduces each
+  bucket on a side stream while backward computes the next) communication overlaps compute; at least 2^16
+  elements (256 kB: fewer would be latency-bound messages), at most 5e7 (200 MB of float32 per buffer, two
+  with overlap_comm), where DeepSpeed's default 5e8 would allocate 2 GB per rank whatever the model's size. ZeRO 1 reduces after backward (DeepSpeed installs its
+  gradient hooks at stage 1 only with overlap_comm, which we leave off there: DeepSpeed's default), ZeRO 0 in
+  its own buckets after backward. The bucketing changes no number: each gradient element is the same sum over
+  ranks whatever bucket it travels in (tests/test_distributed.py's bitwise world-size checks).
 """
 from __future__ import annotations
 
@@ -28,23 +40,26 @@ from torch import Tensor, nn
 
 from dvp.dist.context import DistContext, deepspeed_environment
 from dvp.model.objectives import elbo_stats
-from dvp.train.engine import Engine
+from dvp.train.engine import Engine, Votes, loss_scale
 from dvp.train.optim import AdamaxEMA
 
 
+def bucket_size(n_params: int) -> int:
+    """Elements per gradient bucket: clamp(n_params / 4, 2^16, 5e7) (see the module docstring)."""
+    return int(min(5e7, max(2 ** 16, n_params // 4)))
+
+
 def deepspeed_config(cfg: DictConfig, world_size: int, micro: int, n_params: int) -> dict[str, Any]:
-    """The DeepSpeed config of a run (no train_batch_size: DeepSpeed derives it, so any world size works).
-    Communication buckets hold at most the model (DeepSpeed's default, 5e8 elements, would allocate 2 GB of
-    gradient buffer per rank whatever the model's size)."""
+    """The DeepSpeed config of a run (no train_batch_size: DeepSpeed derives it, so any world size works)."""
     t = cfg.train
-    bucket = int(min(5e8, max(1e6, n_params)))
+    bucket = bucket_size(n_params)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": t.batch_size // (world_size * micro),
         "gradient_clipping": 0.0,                        # clipped (and skipped) in optim.AdamaxEMA
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": cfg.dist.zero_stage, "reduce_bucket_size": bucket,
-                              "allgather_bucket_size": bucket},
+                              "allgather_bucket_size": bucket, "overlap_comm": cfg.dist.zero_stage >= 2},
         "steps_per_print": 2 ** 62,
         "wall_clock_breakdown": False,
     }
@@ -88,12 +103,19 @@ class DeepSpeedEngine(Engine):
             self.ds.enable_backward_allreduce = False   # one process: the all-reduce would only copy every gradient
         self.module = self.ds.module
         self.params = dict((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
+        self.scaler = loss_scale(cfg, self.device)
+        if self.scaler is not None:       # ours in DeepSpeed's place: configurable, and backed off in `step`
+            owner = self.ds.optimizer if self.stage > 0 else self.ds
+            name = "torch_autocast_gradscaler" if self.stage > 0 else "torch_autocast_z0_gradscaler"
+            if getattr(owner, name, None) is None:
+                raise RuntimeError(f"DeepSpeed has no {name} under fp16 torch_autocast: check its version")
+            setattr(owner, name, self.scaler)
         if t.compile:
             self.ds.compile()
         if state is not None:
             self._load_optimizer(state)
 
-    def step(self, x: Tensor, step: int) -> dict[str, float]:
+    def step(self, x: Tensor, step: int, votes: Votes | None = None) -> dict[str, float]:
         """One optimizer step on the global batch `x`: this rank's slice, in micro-batches."""
         self.ds.train()
         self._before_step()
@@ -104,7 +126,9 @@ class DeepSpeedEngine(Engine):
             self.ds.backward(stats["loss"])
             self.ds.step()
             self._accumulate(sums, stats, len(x_enc))
-        return self._after_step(sums, len(x))
+        if self.scaler is not None and self.stage > 0 and self.ds.optimizer.overflow:
+            self.scaler.back_off()    # DeepSpeed skipped the step before the scaler's update()
+        return self._after_step(sums, len(x), votes)
 
     # ---- full (gathered) views of the partitioned state --------------------------------------------------------
     def _full(self, p: Tensor, key: str | None) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from dvp.dist.context import DistContext
 from dvp.model.objectives import elbo_stats
 from dvp.model.precision import autocast
-from dvp.train.engine import Engine
+from dvp.train.engine import Engine, Votes, loss_scale
 from dvp.train.optim import AdamaxEMA
 
 
@@ -31,12 +31,12 @@ class TorchEngine(Engine):
         self.optimizer = AdamaxEMA(self.params.values(), lr=t.lr, weight_decay=t.weight_decay, clip=t.grad_clip,
                                    skip=t.grad_skip)
         self.optimizer.init_state()
+        self.scaler = loss_scale(cfg, self.device)
         if state is not None:
             self._load_optimizer(state)
-        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
         self.forward = torch.compile(self.model) if t.compile else self.model
 
-    def step(self, x: Tensor, step: int) -> dict[str, float]:
+    def step(self, x: Tensor, step: int, votes: Votes | None = None) -> dict[str, float]:
         """One optimizer step on the global batch `x` (all of it: world size 1), in micro-batches."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -54,7 +54,7 @@ class TorchEngine(Engine):
             self.scaler.update()
         else:
             self.optimizer.step()
-        return self._after_step(sums, len(x))
+        return self._after_step(sums, len(x), votes)
 
     def full_weights(self, which: str) -> dict[str, Tensor]:
         state = self.optimizer.state

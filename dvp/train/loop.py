@@ -11,10 +11,12 @@ early stop after `patience` epochs without improvement.
 
 Many processes: every rank runs this loop on the same global batches (the engine takes its rows); rank 0
 resolves the run dir and does all the writing; the stop decisions are the same on every rank (the loop state is,
-and a signal or the clock is agreed in one all-reduce per step); checkpoints are collective (see `_Run.checkpoint`).
+and a signal or the clock is agreed in each step's statistics all-reduce); checkpoints are collective (see
+`_Run.checkpoint`).
 
-Resume: the same command (or `dvp-train run_dir=DIR`) continues from last.pt with the weights, EMA, optimizer,
-loop counters (step, epoch, best validation, patience), batch position and RNG restored, and `metrics.jsonl`
+Resume: `dvp-train run_dir=DIR` (the same command, given the run's run_dir=) continues from last.pt with the
+weights, EMA, optimizer, loop counters (step, epoch, best validation, patience), batch position and RNG
+restored, and `metrics.jsonl`
 cut back to the records that existed when last.pt was written, at any world size (tests/test_distributed.py). So after a kill -9 anywhere, or a stop by
 `max_steps` / `max_minutes` (a pause: no validation, no patience counted), the resumed run ends with the same
 weights (bitwise on CPU), the same best.pt and the same records as one that never stopped. Tested in
@@ -38,12 +40,13 @@ from omegaconf import DictConfig, OmegaConf
 from dvp.core.config import from_dict, parse_overrides, split_overrides, to_dict, validate
 from dvp.core.errors import CheckpointError, ConfigError, Interrupted, TrainingStopped
 from dvp.core.paths import check_output_dir, replace_atomically
-from dvp.core.signals import StopSignals, signal_name
+from dvp.core.signals import SIGNALS, StopSignals, signal_name
 from dvp.data.batches import BatchIterator, model_inputs
 from dvp.data.datasets import DataSplits, load_data_config
 from dvp.dist.context import DistContext, accelerator_rng_state, init, set_accelerator_rng_state
 from dvp.dist.launch import detect
 from dvp.evaluate.sharded import evaluate_elbo, evaluate_test
+from dvp.model.precision import configure_training
 from dvp.model.vae import HierarchicalVAE, build_model, parameter_counts
 from dvp.train.checkpoint import (
     check_weights_match,
@@ -116,7 +119,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext 
 
     Every check (config, run dir, checkpoint, data) happens before anything is written; rank 0 resolves and
     checks the run dir and does all the writing. SIGTERM/SIGUSR1 save `last.pt` and raise `Interrupted`."""
-    ctx = ctx or init(detect({}))
+    ctx = ctx or init(detect({}), device=cfg.dist.device)
     run_dir = ctx.on_main(lambda: _checked_run_dir(cfg))
     last = run_dir / "checkpoints" / "last.pt"
     if cfg.train.resume and not last.exists():
@@ -130,6 +133,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext 
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     torch.set_flush_denormal(True)    # CPU: subnormal floats (seen early in training) make steps up to 8x slower
+    configure_training(t.tf32, ctx.device)    # CUDA: TF32 only with train.tf32, cudnn.benchmark
     engine, batches, state = _build(cfg, data, model, ctx, saved, last)
     # nothing is written before this line: every bad input has failed above
     if ctx.is_main:
@@ -150,8 +154,11 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext 
               f"{type(engine).__name__} x {ctx.world_size} (micro-batch {engine.micro}, accumulation "
               f"{engine.accumulation})  {'resumed at step ' + str(state.step) if saved is not None else 'new run'}",
               flush=True)
+        print(ctx.devices_line(t.precision), flush=True)
         if ctx.world_size > 1:
             print(f"hosts: {ctx.where()}", flush=True)
+    if ctx.world_size > 1 and ctx.local_rank == 0:       # each host's own interface, in some log
+        print(ctx.host_line(), flush=True)
     run = _Run(cfg, data, engine, batches, state, log, run_dir, ctx, report)
     try:
         with run.signals:
@@ -197,8 +204,9 @@ def _build(cfg: DictConfig, data: DataSplits, model: HierarchicalVAE, ctx: DistC
             engine.load_native(path.parent / "deepspeed", native["tag"])
             engine.load_counters(saved["engine"]["counters"])
             _load_rng(path.parent / "deepspeed" / native["tag"], ctx)
-        elif ctx.is_main:     # rank 0's CPU RNG is the one last.pt holds (training draws do not depend on it)
+        elif ctx.is_main:     # rank 0's RNG is the one last.pt holds (training draws do not depend on it)
             torch.set_rng_state(saved["rng"]["torch"])
+            _set_accelerator_rng(saved["rng"], ctx)
         batches.load_state_dict(saved["batches"])
         state = LoopState(**saved["loop"])
     except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
@@ -211,19 +219,31 @@ def _rng_file(directory: Path, rank: int) -> Path:
     return directory / f"rng_rank{rank}.pt"
 
 
+def _accelerator_rng(ctx: DistContext) -> dict[str, torch.Tensor]:
+    """This rank's accelerator RNG state keyed by the device type ({'cuda': state}); none on the CPU."""
+    return {} if ctx.device.type == "cpu" else {ctx.device.type: accelerator_rng_state()}
+
+
+def _set_accelerator_rng(states: dict[str, Any], ctx: DistContext) -> None:
+    """Restore the accelerator RNG state saved for this rank's device type, if any: a checkpoint written on a
+    GPU resumes on the CPU (and one written on the CPU on a GPU), each device's state going only where it fits."""
+    if ctx.device.type != "cpu" and ctx.device.type in states:
+        set_accelerator_rng_state(states[ctx.device.type])
+
+
 def _save_rng(directory: Path, ctx: DistContext) -> None:
     """This rank's CPU and accelerator RNG next to its DeepSpeed shards."""
-    state = {"cpu": torch.get_rng_state(), "accelerator": accelerator_rng_state()}
+    state = {"cpu": torch.get_rng_state(), **_accelerator_rng(ctx)}
     replace_atomically(_rng_file(directory, ctx.rank), lambda tmp: torch.save(state, tmp))
 
 
 def _load_rng(directory: Path, ctx: DistContext) -> None:
-    """Restore this rank's RNG if it was saved at this world size."""
+    """Restore this rank's RNG if it was saved at this world size (on any device: tensors load to the CPU)."""
     path = _rng_file(directory, ctx.rank)
     if path.exists():
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         torch.set_rng_state(state["cpu"])
-        set_accelerator_rng_state(state["accelerator"])
+        _set_accelerator_rng(state, ctx)
 
 
 class _Run:
@@ -246,6 +266,7 @@ class _Run:
         self.max_steps = t.max_steps or math.inf
         self.deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else math.inf
         self.out_of_time = False
+        self.stop_signal = 0      # the signal all ranks agreed to stop for (0: none yet)
 
     def checkpoint(self, path: Path, state: LoopState | None = None,
                    batches: dict[str, int] | None = None) -> None:
@@ -269,7 +290,8 @@ class _Run:
             if self.ctx.is_main:
                 save_checkpoint(path, {"config": to_dict(self.cfg), "image_shape": list(self.data.shape),
                                        "engine": full, "loop": asdict(state), "batches": batches,
-                                       "rng": {"torch": torch.get_rng_state()}, "native": native})
+                                       "rng": {"torch": torch.get_rng_state(), **_accelerator_rng(self.ctx)},
+                                       "native": native})
                 if native is not None:
                     for old in (self.last.parent / "deepspeed").glob("step*"):
                         if old.name != native["tag"] and old.is_dir():
@@ -287,17 +309,29 @@ class _Run:
         if s.step >= self.max_steps:
             return f"train.max_steps={t.max_steps} reached (a pause: a larger train.max_steps goes on)"
         if self.out_of_time:
-            return f"train.max_minutes={t.max_minutes} reached (a pause: the same command goes on)"
+            return (f"train.max_minutes={t.max_minutes} reached (a pause: the same command with this run_dir= "
+                    "goes on)")
         return None
 
-    def _agreed_stop(self) -> bool:
-        """Whether any rank got a signal or ran out of time, agreed in one all-reduce (sets `out_of_time` and
-        `signals.received` on every rank)."""
-        signum, late = self.ctx.agree_max(self.signals.received or 0, time.monotonic() > self.deadline)
-        if signum and self.signals.received is None:
-            self.signals.received = int(signum)           # another rank was signalled: stop with it
-        self.out_of_time = self.out_of_time or bool(late)
-        return bool(signum or late)
+    def _stop_votes(self) -> list[float]:
+        """This rank's votes to stop now: [out of time, got SIGNALS[0], got SIGNALS[1], ...] (0 or 1 each)."""
+        received = self.signals.received
+        return [float(time.monotonic() > self.deadline), *(float(received == s) for s in SIGNALS)]
+
+    def _agreed_stop(self, votes: list[float] | None = None) -> bool:
+        """Whether any rank got a signal or ran out of time: from `votes`, the ranks' `_stop_votes` summed
+        (the engine sums them with a step's statistics), or agreed now in one all-reduce. Sets `out_of_time`,
+        `stop_signal` (the largest signal number any rank got, 0: none) and `signals.received` on every
+        rank."""
+        if votes is None:
+            mine = torch.tensor(self._stop_votes(), dtype=torch.float32, device=self.ctx.device)
+            votes = self.ctx.all_reduce_sum(mine).tolist()
+        late, counts = votes[0], votes[1:]
+        self.stop_signal = max((int(s) for s, n in zip(SIGNALS, counts) if n > 0), default=0)
+        if self.stop_signal and self.signals.received is None:
+            self.signals.received = self.stop_signal      # another rank was signalled: stop with it
+        self.out_of_time = self.out_of_time or late > 0
+        return bool(self.stop_signal or late > 0)
 
     def _interrupted(self, signum: int, where: str) -> Interrupted:
         return Interrupted(f"{signal_name(signum)} {where}; {self.last} holds step {self.state.step}: "
@@ -309,9 +343,9 @@ class _Run:
         with self.signals.deferred():
             while (reason := self._stop_reason()) is None:
                 self._train_steps()
-                if self.signals.received:
+                if self.stop_signal:       # agreed: every rank saves (one signalled after the vote goes on)
                     self.checkpoint(self.last)
-                    raise self._interrupted(self.signals.received, "during training")
+                    raise self._interrupted(self.stop_signal, "during training")
                 epoch_complete = (self.batches.epoch > self.state.epoch
                                   or self.batches.state_dict()["position"] == len(self.batches))
                 if not epoch_complete:                    # a budget stop mid-epoch: a pause, not an epoch end
@@ -327,7 +361,7 @@ class _Run:
         engine.set_lr(lr_at(state.epoch, t))
         tick, seen = time.perf_counter(), 0
         for x in self.batches:
-            stats = engine.step(x, state.step)
+            stats = engine.step(x, state.step, self._stop_votes)    # the stop: agreed with the stats
             state.step += 1
             seen += len(x)
             if engine.consecutive_skips >= t.max_skips:
@@ -341,7 +375,7 @@ class _Run:
                 tick, seen = time.perf_counter(), 0
             if t.ckpt_every and state.step % t.ckpt_every == 0:
                 self.checkpoint(self.last)
-            if self._agreed_stop() or state.step >= self.max_steps:
+            if self._agreed_stop(engine.votes) or state.step >= self.max_steps:
                 break
 
     def _end_epoch(self) -> None:
@@ -363,8 +397,8 @@ class _Run:
         self.checkpoint(self.last)
         if self.report is not None:
             self.report({**metrics, "epoch": float(self.state.epoch), "step": float(self.state.step)}, self.last)
-        if self._agreed_stop() and self.signals.received:
-            raise self._interrupted(self.signals.received, "at the end of an epoch")
+        if self._agreed_stop() and self.stop_signal:
+            raise self._interrupted(self.stop_signal, "at the end of an epoch")
 
     def final_eval(self) -> None:
         """The test evaluation of best.pt (eval.*), sharded over the ranks, or a line saying why there is none."""
@@ -381,7 +415,8 @@ class _Run:
             evaluate_test(model, self.data.test, self.cfg, self.best, self.log, self.state.step, ctx=self.ctx)
         except Interrupted as e:
             raise Interrupted(f"{signal_name(e.signum)} during the final evaluation; training is saved in "
-                              f"{self.last}; the same command redoes the evaluation, or run dvp-eval "
+                              f"{self.last}; the same command with run_dir={self.run_dir} redoes the "
+                              "evaluation, or run dvp-eval "
                               f"run_dir={self.run_dir}", e.signum) from None
 
 

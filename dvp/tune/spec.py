@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "max_concurrent_trials": 0,   # trials at once (0: as many as the cluster's CPUs / GPUs hold)
     "resources": {"workers": 2,   # Ray Train workers (DeepSpeed processes) per trial, or [min, max] (elastic)
                   "cpus_per_worker": 1.0,   # CPUs per worker (also its torch threads when it has no GPU)
-                  "gpus_per_worker": 0.0,   # GPUs per worker
+                  "gpus_per_worker": 0.0,   # GPUs per worker: 0 (CPU workers) or a whole number (no sharing)
                   "check": True},           # refuse requests the cluster cannot hold (false: an autoscaler adds nodes)
     "max_failures": 2,            # restarts of a trial whose worker dies (from its last checkpoint)
     "storage": "runs/sweeps",     # where the sweep folder goes: a local folder, NFS, or s3://bucket/prefix
@@ -350,6 +350,9 @@ def load_sweep(name: str, argv: list[str] | None = None) -> SweepSpec:
         raise ConfigError(f"{where}: resources.workers={r['workers']} needs 1 <= min <= max")
     if r["cpus_per_worker"] <= 0 or r["gpus_per_worker"] < 0:
         raise ConfigError(f"{where}: resources.cpus_per_worker must be > 0 and gpus_per_worker >= 0")
+    if r["gpus_per_worker"] != int(r["gpus_per_worker"]):
+        raise ConfigError(f"{where}: resources.gpus_per_worker={r['gpus_per_worker']} shares a GPU between workers, "
+                          "which NCCL refuses (two ranks on one GPU); use 0 (CPU) or a whole number of GPUs")
     if merged["mode"] not in ("min", "max"):
         raise ConfigError(f"{where}: mode={merged['mode']!r}; choose min or max")
     if merged["search"]["algorithm"] not in SEARCHERS:

@@ -5,8 +5,10 @@ each epoch's validation metrics reported to Ray and its checkpoint registered th
                                                   "storage": None or the trial's folder in remote storage}, ...)
 
 Ray has created the process group (RANK, WORLD_SIZE, ... set; `dvp.dist` detects the "ray" launcher and joins
-it). The registered checkpoint is a folder laid out like a run dir (`config.yaml`, `checkpoints/last.pt`,
-`checkpoints/best.pt`), so `dvp-eval run_dir=<checkpoint folder>` and `dvp-sample` read it as they are.
+it). A worker's GPU is the one Ray Train assigned it (`assigned_gpu`), not its local rank's; a worker that Ray
+gave no GPU trains on the CPU (dist.device=auto), on a GPU node too: Ray reserved none for it. The registered
+checkpoint is a folder laid out like a run dir (`config.yaml`, `checkpoints/last.pt`, `checkpoints/best.pt`), so
+`dvp-eval run_dir=<checkpoint folder>` and `dvp-sample` read it as they are.
 
 Resume: when Ray restarts the worker group (a worker died, or an elastic trial changed size) or a sweep is
 resumed, the loop continues from Ray's latest checkpoint (copied into the run dir first; the run dir's own
@@ -27,7 +29,7 @@ import torch
 
 from dvp.core.config import compose
 from dvp.core.paths import replace_atomically
-from dvp.dist.context import DistContext, init
+from dvp.dist.context import AssignedGpu, DistContext, init
 from dvp.dist.launch import detect
 from dvp.train.checkpoint import load_checkpoint
 from dvp.train.loop import STOP_FILE, train
@@ -89,6 +91,19 @@ def reporter(run_dir: Path, ctx: DistContext) -> Any:
     return report
 
 
+def assigned_gpu() -> AssignedGpu | None:
+    """The GPU Ray Train gave this worker, or None when it has none. Ray Train V2 sets CUDA_VISIBLE_DEVICES of
+    every GPU worker to the GPUs of all the trial's workers on its node (`_share_cuda_visible_devices`) and
+    LOCAL_RANK to the worker's place on the node, which need not match its GPU's place there: the device is
+    `ray.train.torch.get_device()`, the place of `ray.get_gpu_ids()`'s first id in CUDA_VISIBLE_DEVICES."""
+    import ray
+    ids = ray.get_gpu_ids()
+    if not ids:
+        return None
+    from ray.train.torch import get_device
+    return AssignedGpu(f"Ray assigned GPU {','.join(map(str, ids))}", int(get_device().index or 0))
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker of a trial: `dvp.train.loop.train` on the trial's overrides in the group Ray made."""
     # DeepSpeed's JIT-built ops: one node-local cache shared by the trials (not a shared home on NFS)
@@ -97,7 +112,9 @@ def train_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(int(config["threads"]))     # Ray sets OMP_NUM_THREADS=1
     overrides = [*config["overrides"], f"run_dir={config['run_dir']}"]
     cfg = compose(overrides)
-    ctx = init(detect(os.environ))
+    gpu = assigned_gpu()
+    ctx = init(detect(os.environ), timeout_s=cfg.dist.timeout_s, rendezvous_timeout_s=cfg.dist.rendezvous_timeout_s,
+               device="cpu" if gpu is None and cfg.dist.device == "auto" else cfg.dist.device, assigned=gpu)
     run_dir = Path(config["run_dir"])
     restore_from_ray(run_dir, ctx)
     train(cfg, overrides, ctx, report=reporter(run_dir, ctx))
