@@ -22,7 +22,8 @@ Sections (each timed; a failed one is reported with its message and the script e
 
 The JSON (`--out`, default benchmarks/results/gpu/<device>.json) records the device, torch, DeepSpeed and
 Python versions, and per section its wall time, whether it passed, its figures or its error. `--quick` shrinks
-every section (a model of 8 channels, a few steps of batch 25, K=10 on 5 images; no compile) so that the whole
+every section (a model of 8 channels, a few steps of batch 25, ZeRO-3 only in `zero` since fp16_overflow launches
+ZeRO-2, K=10 on 5 images, TF32 on 200; no compile) so that the whole
 script runs on 2 CPU cores in a few minutes (tests/test_benchmarks.py). The GPU machine gets only the
 repository: copy mnist.npz into an ignored folder of it and pass that folder as `--data-root`
 (benchmarks/README.md)."""
@@ -66,21 +67,23 @@ class Plan:
     matmul_size: int
     resume_steps: int
     zero_steps: int
+    zero_stages: tuple[int, ...]       # ZeRO stages launched and resumed (quick: ZeRO-2 runs in fp16_overflow)
     fp16_steps: int
     fp16_scale: float                  # the forced initial loss scale (halved at every overflowing step)
+    tf32_images: int | None            # test images of the TF32 comparison (None: all)
     is_samples: int
     is_images: int
     threads: int | None                # train.num_threads (quick: 1 on a shared CPU)
 
 
 GPU = Plan(batch=250, val_size=10_000, model=(),
-           settings=("fp32_eager", "bf16", "bf16_cl", "bf16_cl_compile"), warmup=3, timed=20, matmul_size=8192, resume_steps=300, zero_steps=20, fp16_steps=30,
-           fp16_scale=2.0 ** 24,
+           settings=("fp32_eager", "bf16", "bf16_cl", "bf16_cl_compile"), warmup=3, timed=20, matmul_size=8192, resume_steps=300, zero_steps=20, zero_stages=(2, 3), fp16_steps=30,
+           fp16_scale=2.0 ** 24, tf32_images=None,
            is_samples=1000, is_images=1000, threads=None)
 QUICK = Plan(batch=25, val_size=5400, model=("model.num_ch=8", "model.diffusion.T=3"),
              settings=("fp32_eager", "bf16"), warmup=1, timed=1, matmul_size=256, resume_steps=4,
-             zero_steps=2,
-             fp16_steps=11, fp16_scale=2.0 ** 24, is_samples=10, is_images=5, threads=1)
+             zero_steps=2, zero_stages=(3,),
+             fp16_steps=11, fp16_scale=2.0 ** 24, tf32_images=200, is_samples=10, is_images=5, threads=1)
 
 
 def free_port() -> int:
@@ -179,7 +182,7 @@ def section_resume(c: Check) -> dict[str, Any]:
 
 def section_zero(c: Check) -> dict[str, Any]:
     n, result = c.plan.zero_steps, {}
-    for stage in (2, 3):
+    for stage in c.plan.zero_stages:
         run_dir = c.work / f"zero{stage}"
         args = ("dist.engine=deepspeed", f"dist.zero_stage={stage}", "train.precision=bf16")
         c.train(run_dir, *args, f"train.max_steps={n // 2}", launcher=True)
@@ -250,7 +253,7 @@ def section_tf32(c: Check) -> dict[str, Any]:
     device = torch.device("cuda" if c.cuda else "cpu")
     r = load_run({"run_dir": str(c.work / "resume_resumed"), "checkpoint": "last"},
                  [f"data.root={c.data_root}"], device)
-    test = r.data().test
+    test = r.data().test[:c.plan.tf32_images]
     nelbo = {}
     for name, tf32 in (("fp32", False), ("tf32", True)):
         with tf32_evaluation(tf32):

@@ -206,7 +206,7 @@ def _check_gpu_check(out: Outputs) -> None:
     assert set(f["throughput"]["settings"]) == {"fp32_eager", "bf16"}
     assert _finite(f["throughput"]["matmul_peak_tflops"]["bf16"])
     assert f["resume"]["relative_l2"] == 0.0                    # CPU: the resumed run is bitwise the same
-    assert {k: v["steps"] for k, v in f["zero"].items()} == {"zero2": 2, "zero3": 2}
+    assert {k: v["steps"] for k, v in f["zero"].items()} == {"zero3": 2}     # quick: ZeRO-2 is fp16_overflow's
     assert 1 <= f["fp16_overflow"]["skipped_steps"] < f["fp16_overflow"]["steps"]
     assert f["is_nll"]["k"] == 10 and f["is_nll"]["nll"] < f["is_nll"]["nelbo"]
     assert f["tf32"]["difference"] == 0.0                      # CPU: TF32 flags act on CUDA only

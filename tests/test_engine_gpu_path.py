@@ -29,6 +29,8 @@ from dvp.train.optim import AdamaxEMA
 
 TINY = ["model.num_ch=16", "train.batch_size=16", "train.final_eval=false", "wandb.mode=disabled",
         "train.log_every=1", "train.ckpt_every=0"]
+SMALLEST = ["model.enc_blocks_per_scale=1", "model.diffusion.num_res_blocks=1"]
+"""The smallest model of every code path: what torch.compile's tests compile (its time grows with the graph)."""
 CUDA_RNG_BYTES = 16     # torch.cuda.get_rng_state(): Philox seed (8 bytes) and offset (8 bytes)
 
 
@@ -263,8 +265,8 @@ def test_compiled_training_takes_the_same_first_steps_as_eager(tmp_path: Path) -
     Inductor's own RNG would change the first loss by ~1%. (torch 2.14 breaks the graph at a generator draw by
     itself, so here this guards the property rather than catching a failure.) About 20 s with a warm Inductor
     cache, 2-3 minutes cold on 2 busy cores."""
-    eager = _train_records(tmp_path / "eager", "train.max_steps=3")
-    compiled = _train_records(tmp_path / "compiled", "train.max_steps=3", "train.compile=true")
+    eager = _train_records(tmp_path / "eager", "train.max_steps=3", *SMALLEST)
+    compiled = _train_records(tmp_path / "compiled", "train.max_steps=3", *SMALLEST, "train.compile=true")
     assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-6)
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
     a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")

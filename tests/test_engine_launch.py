@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from test_distributed import flat, losses, ok, records, train, weights
+from test_engine_gpu_path import SMALLEST
 
 FP16_OVERFLOW = ["train.precision=fp16", "train.fp16_init_scale=2097152", "train.max_steps=6"]
 
@@ -35,7 +36,7 @@ def test_compiled_training_on_two_processes_takes_the_same_first_steps_as_eager(
     fusion rounding (relative L2 < 2e-3, the summation-order spread of tests/test_distributed.py). Slow on 2
     cores when Inductor's cache is cold (minutes): kept to 3 steps."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    args = ["train.max_steps=3", "dist.zero_stage=2"]
+    args = ["train.max_steps=3", "dist.zero_stage=2", *SMALLEST]
     ok(train(2, eager, *args))
     ok(train(2, compiled, *args, "train.compile=true"))
     assert losses(compiled)[0] == pytest.approx(losses(eager)[0], rel=1e-6)

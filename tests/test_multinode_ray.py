@@ -270,8 +270,12 @@ def test_a_cut_cable_shrinks_an_elastic_trial_a_new_host_grows_it_and_the_report
 
     def gap(a: list[float], b: list[float]) -> float:
         return max(abs(x - y) / abs(y) for x, y in zip(a, b))
-    spread = gap(fixed[1], fixed[0])                 # what the world size alone does to the validation ELBO
-    assert 0 < spread < 1e-2, fixed
+    # what the world size alone does to the validation ELBO: the summation order of micro-batches of 64 against
+    # 2 x 32 (the 2-process run equals one process with micro-batches of 32 to 1e-7), which Adamax turns into
+    # training losses 1-2% apart by step 15 and an epoch's validation up to ~1% apart, before and after the GPU-path
+    # changes alike (measured: max gaps 0.18% and 1.06% for two realisations of the same order change)
+    spread = gap(fixed[1], fixed[0])
+    assert 0 < spread < 3e-2, fixed
     assert gap(elastic, fixed[1]) <= 2 * spread and gap(elastic, fixed[0]) <= 2 * spread, (elastic, fixed)
     print(f"elastic {elastic}\nfixed 1 {fixed[0]}\nfixed 2 {fixed[1]}\nsizes {sizes}")
 
