@@ -9,23 +9,17 @@ evaluation (tests/test_gpu_path.py), fp16 loss-scale back-off under ZeRO, compil
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from dvp.train.checkpoint import load_checkpoint
+from test_distributed import ok, records, train
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["model.num_ch=16", "train.batch_size=32", "train.log_every=1", "train.final_eval=false",
-          "wandb.mode=disabled"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,49 +29,18 @@ def a_gpu() -> None:
     assert torch.cuda.is_available() and torch.cuda.device_count() > 0, "no usable CUDA GPU"
 
 
-def _env() -> dict[str, str]:
-    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR",
-            "TORCHELASTIC_RUN_ID")
-    return {k: v for k, v in os.environ.items() if k not in drop} | {"PYTHONUNBUFFERED": "1"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train(run_dir: Path, *args: str, nproc: int = 1, timeout: float = 400) -> subprocess.CompletedProcess:
-    """dvp-train with COMMON + args (torchrun for nproc > 1)."""
-    launch = ([sys.executable, "-m", "dvp.train"] if nproc == 1 else
-              [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_port()), "-m", "dvp.train"])
-    return subprocess.run([*launch, *COMMON, f"run_dir={run_dir}", *args], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
-    return res
-
-
-def train_records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
-
-
 def test_a_run_names_its_gpu_and_trains_on_it(tmp_path: Path) -> None:
-    res = ok(train(tmp_path / "run", "train.max_steps=4", "dist.device=cuda"))
+    res = ok(train(1, tmp_path / "run", "train.max_steps=4", "dist.device=cuda"))
     name = torch.cuda.get_device_name(0)
     assert re.search(rf"devices: rank 0 cuda:0 \({re.escape(name)}\) \S+ fp32", res.stdout), res.stdout
-    losses = [r["loss"] for r in train_records(tmp_path / "run")]
+    losses = [r["loss"] for r in records(tmp_path / "run")]
     assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses)))
 
 
 def test_more_ranks_than_gpus_is_one_line_on_every_rank(tmp_path: Path) -> None:
     """torchrun with one process more than there are GPUs: two ranks would share one (NCCL refuses)."""
     n = torch.cuda.device_count() + 1
-    res = train(tmp_path / "run", "train.max_steps=2", nproc=n, timeout=200)
+    res = train(n, tmp_path / "run", "train.max_steps=2", timeout=200)
     assert res.returncode != 0
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == n and all("GPU" in line for line in errors), res.stderr[-3000:]
@@ -87,11 +50,11 @@ def test_a_checkpoint_moves_from_cpu_to_gpu_and_back(tmp_path: Path) -> None:
     """Trained 3 steps on the CPU, resumed on the GPU to 6, resumed on the CPU to 9 (RNG states of either
     device in the files), and read by dvp-eval on the CPU."""
     run = tmp_path / "run"
-    ok(train(run, "train.max_steps=3", "dist.device=cpu"))
-    assert "resumed at step 3" in ok(train(run, "train.max_steps=6", "dist.device=cuda")).stdout
-    assert "resumed at step 6" in ok(train(run, "train.max_steps=9", "dist.device=cpu")).stdout
+    ok(train(1, run, "train.max_steps=3", "dist.device=cpu"))
+    assert "resumed at step 3" in ok(train(1, run, "train.max_steps=6", "dist.device=cuda")).stdout
+    assert "resumed at step 6" in ok(train(1, run, "train.max_steps=9", "dist.device=cpu")).stdout
     assert load_checkpoint(run / "checkpoints" / "last.pt")["loop"]["step"] == 9
-    steps = [r["step"] for r in train_records(run)]
+    steps = [r["step"] for r in records(run)]
     assert steps == list(range(1, 10))
 
 
@@ -120,20 +83,20 @@ def test_evaluation_is_true_float32_where_training_uses_tf32() -> None:
 def test_fp16_backs_off_its_loss_scale_after_an_overflow(tmp_path: Path, stage: int) -> None:
     """fp16 through DeepSpeed with a loss scale of 2^24: the first steps overflow and are skipped, the scale backs
     off, and the run trains (the torch engine's GradScaler does the same)."""
-    res = ok(train(tmp_path / "run", "train.max_steps=16", "dist.device=cuda", "train.precision=fp16",
+    res = ok(train(1, tmp_path / "run", "train.max_steps=16", "dist.device=cuda", "train.precision=fp16",
                    "dist.engine=deepspeed", f"dist.zero_stage={stage}", "train.fp16_init_scale=16777216"))
-    records = train_records(tmp_path / "run")
-    skipped = records[-1]["skipped_total"]
+    recs = records(tmp_path / "run")
+    skipped = recs[-1]["skipped_total"]
     assert 1 <= skipped < 16, (skipped, res.stdout[-2000:])
-    assert not records[-1]["skipped"] and torch.isfinite(torch.tensor(records[-1]["loss"]))
+    assert not recs[-1]["skipped"] and torch.isfinite(torch.tensor(recs[-1]["loss"]))
 
 
 def test_compiled_and_eager_training_agree(tmp_path: Path) -> None:
     """torch.compile on the GPU draws the same global noise as eager (drawn outside the compiled region), so the
     first losses agree to float rounding; a compiled forward that drew its own noise would differ by far more."""
-    ok(train(tmp_path / "eager", "train.max_steps=3", "dist.device=cuda"))
-    ok(train(tmp_path / "compiled", "train.max_steps=3", "dist.device=cuda", "train.compile=true", timeout=900))
-    eager = torch.tensor([r["loss"] for r in train_records(tmp_path / "eager")])
-    compiled = torch.tensor([r["loss"] for r in train_records(tmp_path / "compiled")])
+    ok(train(1, tmp_path / "eager", "train.max_steps=3", "dist.device=cuda"))
+    ok(train(1, tmp_path / "compiled", "train.max_steps=3", "dist.device=cuda", "train.compile=true", timeout=900))
+    eager = torch.tensor([r["loss"] for r in records(tmp_path / "eager")])
+    compiled = torch.tensor([r["loss"] for r in records(tmp_path / "compiled")])
     assert len(eager) == len(compiled) == 3
     assert torch.allclose(eager, compiled, rtol=2e-3), (eager, compiled)

@@ -81,7 +81,7 @@ class Engine:
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.skipped_total = self.consecutive_skips = self.applied_steps = 0
         self.votes: list[float] = []       # the last step's `votes()`, summed over the ranks
-        self.scaler: LossScale | None = None   # fp16's dynamic loss scale (set by the engine)
+        self.scaler = loss_scale(cfg, self.device)   # fp16's dynamic loss scale (None otherwise)
         self.optimizer: AdamaxEMA
 
     # ---- one optimizer step -----------------------------------------------------------------------------------

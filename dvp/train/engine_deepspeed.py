@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from dvp.dist.context import DistContext, deepspeed_environment
 from dvp.model.objectives import elbo_stats
-from dvp.train.engine import Engine, Votes, loss_scale
+from dvp.train.engine import Engine, Votes
 from dvp.train.optim import AdamaxEMA
 
 
@@ -103,7 +103,6 @@ class DeepSpeedEngine(Engine):
             self.ds.enable_backward_allreduce = False   # one process: the all-reduce would only copy every gradient
         self.module = self.ds.module
         self.params = dict((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
-        self.scaler = loss_scale(cfg, self.device)
         if self.scaler is not None:       # ours in DeepSpeed's place: configurable, and backed off in `step`
             owner = self.ds.optimizer if self.stage > 0 else self.ds
             name = "torch_autocast_gradscaler" if self.stage > 0 else "torch_autocast_z0_gradscaler"

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from dvp.dist.context import DistContext
 from dvp.model.objectives import elbo_stats
 from dvp.model.precision import autocast
-from dvp.train.engine import Engine, Votes, loss_scale
+from dvp.train.engine import Engine, Votes
 from dvp.train.optim import AdamaxEMA
 
 
@@ -31,7 +31,6 @@ class TorchEngine(Engine):
         self.optimizer = AdamaxEMA(self.params.values(), lr=t.lr, weight_decay=t.weight_decay, clip=t.grad_clip,
                                    skip=t.grad_skip)
         self.optimizer.init_state()
-        self.scaler = loss_scale(cfg, self.device)
         if state is not None:
             self._load_optimizer(state)
         self.forward = torch.compile(self.model) if t.compile else self.model
