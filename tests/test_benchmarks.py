@@ -355,8 +355,14 @@ def test_quick_covers_every_benchmark() -> None:
     assert set(QUICK) == {p.name for p in BENCHMARKS.iterdir() if p.suffix in (".py", ".sh")}
 
 
+COMPILING = ("quality_330.sh", "quality_330_seeds.sh")
+"""Quick checks that torch.compile the same graph: one xdist worker runs them (`.ci/run` runs the slow mark on 2
+workers with --dist loadgroup), so the second finds Inductor's cache warm."""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(QUICK))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group("compile")) if n in COMPILING
+                                  else n for n in sorted(QUICK)])
 def test_benchmark_quick_check(name: str, tmp_path: Path) -> None:
     quick = QUICK[name]
     data = tmp_path / "data"

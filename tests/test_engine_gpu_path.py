@@ -22,7 +22,7 @@ from dvp.core.signals import SIGNALS
 from dvp.dist.context import DistContext, init
 from dvp.dist.launch import detect
 from dvp.train.checkpoint import load_checkpoint, save_checkpoint
-from dvp.train.engine import LossScale
+from dvp.train.engine import LossScale, StepStats
 from dvp.train.engine_torch import TorchEngine
 from dvp.train.loop import prepare, train
 from dvp.train.optim import AdamaxEMA
@@ -130,17 +130,49 @@ class _ScalarReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("clip,skip", [(5.0, 0.0), (0.0, 1e3)])
-def test_a_training_step_reads_the_device_once(clip: float, skip: float) -> None:
-    """The stats, the grad norm and the skip decision come to the host in one transfer per step (before: the
-    norm, the clip factor and the stats separately)."""
+def test_a_training_step_waits_for_nothing_and_its_stats_come_in_one_read(clip: float, skip: float) -> None:
+    """engine.step reads nothing to the host (the EMA decay and the counters are device tensors); the stats,
+    the votes, the grad norm, the skip decision and the counters then come in one transfer, on first use."""
     cfg = compose([*TINY, f"train.grad_clip={clip}", f"train.grad_skip={skip}"])
     data, model = prepare(cfg)
     engine = TorchEngine(model, cfg, data.shape, init(detect({})))
     engine.step(data.train[:16], 0)
     with _HostSyncs() as syncs, _ScalarReads() as reads:
         stats = engine.step(data.train[:16], 1, lambda: [0.0, 1.0])
-    assert syncs.calls == ["tolist"] and reads.count == 0
-    assert stats["skipped"] == 0 and engine.votes == [0.0, 1.0]
+    assert syncs.calls == [] and reads.count == 0
+    with _HostSyncs() as syncs:
+        assert stats["skipped"] == 0 and stats.votes == [0.0, 1.0] and stats.consecutive_skips == 0
+        assert stats["skipped_total"] == 0 and math.isfinite(stats["grad_norm"])
+    assert syncs.calls == ["tolist"]
+    assert engine.counters() == {"skipped_total": 0, "consecutive_skips": 0, "applied_steps": 2}
+
+
+def test_the_loop_waits_for_the_device_only_at_logged_steps(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step's statistics are first read after the next step was queued (the host then waits for a step
+    the device has finished, or is finishing while the next one runs), except at a logged step (every 3rd
+    here) and the last step of the loop."""
+    issued: list[StepStats] = []
+    first_read: dict[int, int] = {}               # step -> steps queued when its stats were first read
+    step, read = TorchEngine.step, StepStats._read
+
+    def counted_step(self: TorchEngine, *args: Any) -> StepStats:
+        issued.append(out := step(self, *args))
+        return out
+
+    def counted_read(self: StepStats) -> dict[str, float]:
+        for n, stats in enumerate(issued, start=1):
+            if stats is self and self._values is None:
+                first_read[n] = len(issued)
+        return read(self)
+    monkeypatch.setattr(TorchEngine, "step", counted_step)
+    monkeypatch.setattr(StepStats, "_read", counted_read)
+    args = [*(a for a in TINY if not a.startswith("train.log_every=")), "train.log_every=3",
+            "train.max_steps=7", "dist.engine=torch", f"run_dir={tmp_path}"]
+    train(compose(args), args)
+    waited = sorted(n for n, queued in first_read.items() if queued == n)
+    assert sorted(first_read) == list(range(1, 8))
+    assert waited == [3, 6, 7]
 
 
 def test_the_stop_votes_ride_on_the_statistics_all_reduce(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

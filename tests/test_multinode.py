@@ -71,18 +71,31 @@ def mpiexec(key: Path, run_dir: Path, *args: str, exports: tuple[str, ...] = ())
         "...": [*COMMON, *args]})
 
 
+Started = list[tuple[subprocess.Popen, Path]]
+
+
+def start_on_all(hosts: Hosts, commands: list[list[str]], tmp: Path, env: dict[str, str] | None = None,
+                 per_host: list[dict[str, str]] | None = None) -> Started:
+    """Start commands[i] on host i at once (environment: `env`, then per_host[i]), output to tmp/<host>.log."""
+    logs = [tmp / f"{hosts.names[i]}.log" for i in range(len(commands))]
+    return [(hosts.popen(i, cmd, logs[i], env={**_env(), **(env or {}), **(per_host[i] if per_host else {})},
+                         cwd=ROOT), logs[i])
+            for i, cmd in enumerate(commands)]
+
+
+def wait_all(started: Started, timeout: float = 600) -> list[tuple[int, str]]:
+    """(exit code, output) of each started command, all ended within `timeout` s from now."""
+    end = time.monotonic() + timeout
+    for p, _ in started:
+        p.wait(timeout=max(1.0, end - time.monotonic()))
+    return [(p.returncode, log.read_text(errors="replace")) for p, log in started]
+
+
 def run_on_all(hosts: Hosts, commands: list[list[str]], tmp: Path, timeout: float = 600,
                env: dict[str, str] | None = None,
                per_host: list[dict[str, str]] | None = None) -> list[tuple[int, str]]:
-    """Start commands[i] on host i at once (environment: `env`, then per_host[i]); (exit code, output) of each."""
-    logs = [tmp / f"{hosts.names[i]}.log" for i in range(len(commands))]
-    procs = [hosts.popen(i, cmd, logs[i], env={**_env(), **(env or {}), **(per_host[i] if per_host else {})},
-                         cwd=ROOT)
-             for i, cmd in enumerate(commands)]
-    end = time.monotonic() + timeout
-    for p in procs:
-        p.wait(timeout=max(1.0, end - time.monotonic()))
-    return [(p.returncode, log.read_text(errors="replace")) for p, log in zip(procs, logs)]
+    """Run commands[i] on host i at once; (exit code, output) of each."""
+    return wait_all(start_on_all(hosts, commands, tmp, env, per_host), timeout)
 
 
 def bitwise(run: Path, reference: Path) -> bool:
@@ -129,7 +142,8 @@ def test_hosts_whose_names_resolve_to_another_network_still_join(reference: Path
     Debian's 127.0.1.1). Plain gloo listens on that address and its first collective fails (the control, without
     dvp); dvp sets GLOO_SOCKET_IFNAME to the interface toward the other hosts (eth0) and trains the one-process
     model. A GLOO_SOCKET_IFNAME the user sets wins: eth1 fails within dist.timeout_s with one line naming the
-    interface, and an interface the host does not have is a one-line error before any compute."""
+    interface, and an interface the host does not have is a one-line error before any compute. The control
+    (about 50 s of waiting on the dead network) runs beside dvp's runs, on another port."""
     run = tmp_path / "run"
     plain_gloo = [sys.executable, "-c", "import datetime, torch, torch.distributed as d; d.init_process_group("
                   "'gloo', timeout=datetime.timedelta(seconds=10)); d.all_reduce(torch.ones(1))"]
@@ -137,10 +151,9 @@ def test_hosts_whose_names_resolve_to_another_network_still_join(reference: Path
         assert hosts.run(1, ["hostname", "--ip-address"]).stdout.strip() == hosts.ips1[1]
         control = tmp_path / "control"
         control.mkdir()
-        results = run_on_all(hosts, [plain_gloo] * 2, control, timeout=120,
-                             env={"MASTER_ADDR": hosts.names[0], "MASTER_PORT": str(PORT), "WORLD_SIZE": "2"},
-                             per_host=[{"RANK": "0"}, {"RANK": "1"}])
-        assert any(code != 0 and "connectFullMesh" in out for code, out in results), results   # the trap bites
+        without_dvp = start_on_all(hosts, [plain_gloo] * 2, control, per_host=[{"RANK": "0"}, {"RANK": "1"}],
+                                   env={"MASTER_ADDR": hosts.names[0], "MASTER_PORT": str(PORT + 100),
+                                        "WORLD_SIZE": "2"})
         results = run_on_all(hosts, [torchrun(hosts, i, run, *STEPS) for i in range(2)], tmp_path)
         for code, out in results:
             assert code == 0, out[-4000:]
@@ -160,6 +173,8 @@ def test_hosts_whose_names_resolve_to_another_network_still_join(reference: Path
             else:
                 assert any(line.startswith("error: GLOO_SOCKET_IFNAME=eth9: eth9 is not an interface")
                            and "on node0" in line for line in errors), errors
+        results = wait_all(without_dvp, timeout=120)
+        assert any(code != 0 and "connectFullMesh" in out for code, out in results), results   # the trap bites
 
 
 def paused(command: list[str], step: int) -> list[str]:

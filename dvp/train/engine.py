@@ -1,10 +1,11 @@
 """Training engines: the only owners of the parameters, the optimizer state and the EMA.
 
     engine = make_engine(model, cfg, image_shape, ctx)     # dvp.train.engines: TorchEngine or DeepSpeedEngine
-    stats = engine.step(x, step, votes)  # x: the GLOBAL batch of optimizer step `step`; one stats dict, the
-                                       # same on every rank: loss, nelbo, recon, kl_z, kl_u, kl/<l>, grad_norm,
-                                       # skipped, skipped_total, nonfinite_loss, nonfinite_grad; engine.votes:
-                                       # votes() summed over the ranks in the same all-reduce (optional)
+    stats = engine.step(x, step, votes)  # x: the GLOBAL batch of optimizer step `step`; returns at once a
+                                       # StepStats (a mapping read on first use), the same on every rank: loss,
+                                       # nelbo, recon, kl_z, kl_u, kl/<l>, grad_norm, skipped, skipped_total,
+                                       # nonfinite_loss, nonfinite_grad; stats.votes: votes() summed over the
+                                       # ranks in the same all-reduce (optional); stats.consecutive_skips
     engine.set_lr(lr)
     model = engine.eval_view("ema")    # full float32 weights (gathered where partitioned) in a separate module
     state = engine.full_state()        # model, ema, optimizer moments by parameter name, counters (collective)
@@ -23,12 +24,18 @@ constant train.ema.
 Mixed precision (train.precision=bf16|fp16): autocast on the forward pass, except the convolutions that read a
 residual stream or output mu, log-var or logits (`blocks.Float32Conv2d`); the ELBO terms are float32
 (model.py); parameters, gradients, optimizer state and EMA stay float32; fp16 adds dynamic loss scaling.
+Host synchronisation (a GPU waits for nothing): a step queues its work and returns. The batch goes to the device
+from pinned memory without waiting, the votes likewise; the EMA decay and the counters (applied, skipped,
+consecutive skips) are device tensors; the statistics, votes, decision and counters leave the device in one
+asynchronous copy (`StepStats`), which the loop reads one step late (so the host waits for step n while step
+n + 1 is queued) except at a logged step, its one blocking read. What syncs besides is the libraries': torch's
+GradScaler reads its overflow flag each fp16 step, DeepSpeed ZeRO-3 (and ZeRO 1-2 under fp16) its norm.
 """
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -63,6 +70,63 @@ def loss_scale(cfg: DictConfig, device: torch.device) -> LossScale | None:
     return LossScale(device.type, init_scale=cfg.train.fp16_init_scale)
 
 
+class StepStats(Mapping[str, float]):
+    """One step's statistics on their way to the host: `packet` = [the ranks' summed stats (`keys`), summed
+    votes, ||g||, a, applied steps, skipped steps, consecutive skips], copied to pinned host memory without
+    waiting on a GPU. The first read waits for that copy only (a CUDA event), not for the steps queued since."""
+
+    def __init__(self, packet: Tensor, keys: list[str], n_votes: int, rows: int) -> None:
+        self._keys, self._n_votes, self._rows = keys, n_votes, rows
+        self._copied: torch.cuda.Event | None = None
+        if packet.device.type == "cuda":
+            self._host = packet.to("cpu", non_blocking=True)      # into pinned memory, queued after the step
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = packet
+        self._values: dict[str, float] | None = None
+        self._votes: list[float] = []
+        self._consecutive = 0
+
+    def _read(self) -> dict[str, float]:
+        if self._values is None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            values = self._host.tolist()
+            k, v = len(self._keys), self._n_votes
+            grad_norm, applied, _, skipped_total, self._consecutive = values[k + v:]
+            out = {key: value / self._rows for key, value in zip(self._keys, values[:k])}
+            self._votes = values[k:k + v]
+            out["grad_norm"] = grad_norm
+            out["nonfinite_loss"] = float(not math.isfinite(out["loss"]))
+            out["nonfinite_grad"] = float(not math.isfinite(grad_norm))
+            out["skipped"] = float(not applied)
+            out["skipped_total"] = skipped_total
+            self._values = out
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self._read()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    @property
+    def votes(self) -> list[float]:
+        """The ranks' `votes()` of this step, summed."""
+        self._read()
+        return self._votes
+
+    @property
+    def consecutive_skips(self) -> int:
+        """Skipped steps in a row up to this one."""
+        self._read()
+        return int(self._consecutive)
+
+
 def micro_batch(cfg: DictConfig, world_size: int) -> int:
     """Images per rank per forward pass: dist.micro_batch, or the rank's whole share train.batch_size / world."""
     return cfg.dist.micro_batch or cfg.train.batch_size // world_size
@@ -79,8 +143,7 @@ class Engine:
         self.memory_format = memory_format(cfg.train.channels_last, self.device)
         self.view = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
-        self.skipped_total = self.consecutive_skips = self.applied_steps = 0
-        self.votes: list[float] = []       # the last step's `votes()`, summed over the ranks
+        self.counts = torch.zeros(3, dtype=torch.float64, device=self.device)  # applied, skipped, in a row
         self.scaler = loss_scale(cfg, self.device)   # fp16's dynamic loss scale (None otherwise)
         self.optimizer: AdamaxEMA
 
@@ -88,45 +151,44 @@ class Engine:
     def micro_batches(self, x: Tensor, step: int) -> Iterator[tuple[Tensor, Tensor, Noise]]:
         """(encoder input, target, noise) of this rank's micro-batches of global batch `x` at `step`."""
         rows = len(x)
-        lo_rank, _ = shard(rows, self.ctx.rank, self.ctx.world_size)
+        lo_rank, hi_rank = shard(rows, self.ctx.rank, self.ctx.world_size)
+        mine = x[lo_rank:hi_rank]
+        if self.device.type == "cuda":
+            mine = mine.pin_memory()             # so each copy below is queued, not waited for
         seed = noise_seed(self.cfg.train.seed, "train", step)
         for m in range(self.accumulation):
-            lo = lo_rank + m * self.micro
-            noise = Noise(seed, rows, lo, lo + self.micro)
-            x_mb = x[lo:lo + self.micro].to(self.device, memory_format=self.memory_format)
+            lo = m * self.micro
+            noise = Noise(seed, rows, lo_rank + lo, lo_rank + lo + self.micro)
+            x_mb = mine[lo:lo + self.micro].to(self.device, non_blocking=True).contiguous(
+                memory_format=self.memory_format)
             x_enc, x_target = model_inputs(x_mb, self.cfg.data.binarize, self.cfg.data.encoder_sees, noise)
             yield x_enc, x_target, noise
 
     def _before_step(self) -> None:
-        n = self.applied_steps + 1
         t = self.cfg.train
-        self.optimizer.decay = min(t.ema, (1 + n) / (10 + n)) if t.ema_warmup else t.ema
+        n = self.counts[0] + 1                                          # on the device: no host read
+        self.optimizer.decay = torch.clamp((1 + n) / (10 + n), max=t.ema) if t.ema_warmup else t.ema
         self.optimizer.applied = torch.zeros((), dtype=torch.bool, device=self.device)   # until step() says
         self.optimizer.grad_norm = torch.full((), math.nan, device=self.device)
 
-    def _after_step(self, sums: dict[str, Tensor], rows: int, votes: Votes | None) -> dict[str, float]:
-        """Global means of the micro-batch sums, and the ranks' summed `votes()` (kept in `self.votes`), in
-        one all-reduce; with the optimizer's decision, read in the step's one host synchronisation."""
+    def _after_step(self, sums: dict[str, Tensor], rows: int, votes: Votes | None) -> StepStats:
+        """Global means of the micro-batch sums and the ranks' summed `votes()` in one all-reduce; the counters
+        updated by the optimizer's decision a (consecutive skips: (c + 1)(1 - a)); all of it on its way to the
+        host, not waited for."""
         keys = sorted(sums)
-        local = [sums[k].detach().float() for k in keys]
-        mine = torch.tensor(votes() if votes is not None else [], dtype=torch.float32).to(self.device)
-        total = self.ctx.all_reduce_sum(torch.cat([torch.stack(local), mine]))
-        decision = torch.stack([self.optimizer.grad_norm.float(), self.optimizer.applied.float()])
-        *values, grad_norm, applied = torch.cat([total, decision.to(self.device)]).tolist()
-        out = {k: v / rows for k, v in zip(keys, values)}
-        self.votes = values[len(keys):]
-        out["grad_norm"] = grad_norm
-        out["nonfinite_loss"] = float(not math.isfinite(out["loss"]))
-        out["nonfinite_grad"] = float(not math.isfinite(grad_norm))
-        if applied:
-            self.applied_steps += 1
-            self.consecutive_skips = 0
-        else:
-            self.skipped_total += 1
-            self.consecutive_skips += 1
-        out["skipped"] = float(not applied)
-        out["skipped_total"] = float(self.skipped_total)
-        return out
+        local = torch.stack([sums[k].detach().float() for k in keys])
+        mine = self._to_device(votes() if votes is not None else [])
+        total = self.ctx.all_reduce_sum(torch.cat([local, mine]))
+        a = self.optimizer.applied.double()
+        applied, skipped, in_a_row = self.counts.unbind()
+        self.counts = torch.stack([applied + a, skipped + 1 - a, (in_a_row + 1) * (1 - a)])
+        decision = torch.stack([self.optimizer.grad_norm.double(), a])
+        return StepStats(torch.cat([total.double(), decision, self.counts]), keys, len(mine), rows)
+
+    def _to_device(self, values: list[float]) -> Tensor:
+        """A few host numbers on the device, without waiting for the work queued there (pinned on a GPU)."""
+        host = torch.tensor(values, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
 
     @staticmethod
     def _accumulate(sums: dict[str, Tensor], stats: dict[str, Tensor], n: int) -> None:
@@ -134,11 +196,23 @@ class Engine:
             sums[k] = sums.get(k, 0) + v.detach().float() * n
 
     # ---- state ------------------------------------------------------------------------------------------------
+    @property
+    def applied_steps(self) -> int:
+        return int(self.counts[0])          # a read of the device: off the step's path
+
+    @property
+    def skipped_total(self) -> int:
+        return int(self.counts[1])
+
+    @property
+    def consecutive_skips(self) -> int:
+        return int(self.counts[2])
+
     def counters(self) -> dict[str, float]:
         """The step counters and, under fp16, the loss scale s and its count of applied steps since the last
         change (so a resumed fp16 run scales as the uninterrupted one)."""
-        out: dict[str, float] = {"skipped_total": self.skipped_total, "consecutive_skips": self.consecutive_skips,
-                                 "applied_steps": self.applied_steps}
+        applied, skipped, in_a_row = (int(c) for c in self.counts.tolist())
+        out: dict[str, float] = {"skipped_total": skipped, "consecutive_skips": in_a_row, "applied_steps": applied}
         if self.scaler is not None and self.scaler.is_enabled():
             scale = self.scaler.state_dict()
             out |= {"loss_scale": float(scale["scale"]), "loss_scale_growth": int(scale["_growth_tracker"])}
@@ -146,9 +220,8 @@ class Engine:
 
     def load_counters(self, counters: dict[str, float]) -> None:
         """Restore `counters()`; a checkpoint of another precision (no loss scale) keeps train.fp16_init_scale."""
-        self.skipped_total = int(counters["skipped_total"])
-        self.consecutive_skips = int(counters["consecutive_skips"])
-        self.applied_steps = int(counters["applied_steps"])
+        self.counts = torch.tensor([counters[k] for k in ("applied_steps", "skipped_total", "consecutive_skips")],
+                                   dtype=torch.float64, device=self.device)
         if self.scaler is not None and self.scaler.is_enabled() and "loss_scale" in counters:
             self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": float(counters["loss_scale"]),
                                          "_growth_tracker": int(counters["loss_scale_growth"])})

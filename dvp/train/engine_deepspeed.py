@@ -63,6 +63,10 @@ def deepspeed_config(cfg: DictConfig, world_size: int, micro: int, n_params: int
         "steps_per_print": 2 ** 62,
         "wall_clock_breakdown": False,
     }
+    if cfg.dist.zero_stage in (1, 2):
+        # DeepSpeed's own gradient norm (a host read each step) only where its fp16 overflow check needs it:
+        # AdamaxEMA computes the norm that clips and skips
+        ds["zero_optimization"]["compute_grad_norm"] = t.precision == "fp16"
     if cfg.dist.zero_stage == 3:     # one optimizer call over the whole partition: the clip norm is global
         ds["zero_optimization"]["sub_group_size"] = 2 ** 40
         del ds["zero_optimization"]["allgather_bucket_size"]        # not a stage-3 key

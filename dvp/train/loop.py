@@ -54,7 +54,7 @@ from dvp.train.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from dvp.train.engine import Engine
+from dvp.train.engine import Engine, StepStats
 from dvp.train.engines import engine_kind, make_engine
 from dvp.train.logger import RunLogger
 
@@ -327,7 +327,7 @@ class _Run:
             mine = torch.tensor(self._stop_votes(), dtype=torch.float32, device=self.ctx.device)
             votes = self.ctx.all_reduce_sum(mine).tolist()
         late, counts = votes[0], votes[1:]
-        self.stop_signal = max((int(s) for s, n in zip(SIGNALS, counts) if n > 0), default=0)
+        self.stop_signal = max([self.stop_signal, *(int(s) for s, n in zip(SIGNALS, counts) if n > 0)])
         if self.stop_signal and self.signals.received is None:
             self.signals.received = self.stop_signal      # another rank was signalled: stop with it
         self.out_of_time = self.out_of_time or late > 0
@@ -356,27 +356,40 @@ class _Run:
 
     def _train_steps(self) -> None:
         """Optimizer steps on global batches until the epoch ends, a budget runs out or a signal arrives on any
-        rank (agreed after every step)."""
+        rank. Each step's decision (the votes, train.max_skips) is read after the next step is queued: the host
+        waits for step n while step n + 1 runs, so only a logged step waits for the device (the same rule on
+        every rank: all stop after the same step)."""
         t, state, engine = self.cfg.train, self.state, self.engine
         engine.set_lr(lr_at(state.epoch, t))
         tick, seen = time.perf_counter(), 0
+        pending: tuple[StepStats, int] | None = None      # the last step whose decision is not read yet
         for x in self.batches:
             stats = engine.step(x, state.step, self._stop_votes)    # the stop: agreed with the stats
             state.step += 1
             seen += len(x)
-            if engine.consecutive_skips >= t.max_skips:
-                self.checkpoint(self.last)
-                raise TrainingStopped(
-                    f"{engine.consecutive_skips} consecutive steps skipped at step {state.step} (last loss "
-                    f"{stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}): lower train.lr, raise "
-                    "train.grad_skip (or 0 to disable), or use train.precision=fp32")
             if state.step % t.log_every == 0:
                 self.log.log_train(state.step, stats, seen / (time.perf_counter() - tick))
                 tick, seen = time.perf_counter(), 0
             if t.ckpt_every and state.step % t.ckpt_every == 0:
                 self.checkpoint(self.last)
-            if self._agreed_stop(engine.votes) or state.step >= self.max_steps:
+            stop = pending is not None and self._decide(*pending)
+            pending = (stats, state.step)
+            if stop or state.step >= self.max_steps:
                 break
+        if pending is not None:
+            self._decide(*pending)
+
+    def _decide(self, stats: StepStats, step: int) -> bool:
+        """Step `step`'s decision: stop the run after train.max_skips skipped steps in a row (TrainingStopped,
+        last.pt saved), and whether any rank voted to stop (see `_agreed_stop`)."""
+        t = self.cfg.train
+        if stats.consecutive_skips >= t.max_skips:
+            self.checkpoint(self.last)
+            raise TrainingStopped(
+                f"{stats.consecutive_skips} consecutive steps skipped at step {step} (last loss "
+                f"{stats['loss']:.4g}, grad norm {stats['grad_norm']:.4g}): lower train.lr, raise "
+                "train.grad_skip (or 0 to disable), or use train.precision=fp32")
+        return self._agreed_stop(stats.votes)
 
     def _end_epoch(self) -> None:
         """Validation, images and best.pt of the finished epoch, then last.pt. In one process a signal in

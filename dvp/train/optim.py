@@ -57,7 +57,7 @@ class AdamaxEMA(torch.optim.Adamax):
         super().__init__(params, lr=lr, weight_decay=weight_decay, eps=1e-8, capturable=True)
         self.clip, self.skip = clip, skip
         self.norm_reduce = norm_reduce
-        self.decay = 0.0                         # EMA decay of the next applied step, set by the engine
+        self.decay: float | Tensor = 0.0         # EMA decay of the next applied step (the engine's: a tensor)
         self.applied = torch.tensor(False)       # whether the last step() changed anything (0-dim bool)
         self.grad_norm = torch.tensor(math.nan)  # ||g|| seen by the last step() (nan: step() not reached)
 
@@ -88,7 +88,7 @@ class AdamaxEMA(torch.optim.Adamax):
         torch._foreach_mul_(grads, scale)
         group = self.param_groups[0]
         self._adamax(with_grad, grads, a, group["lr"], group["weight_decay"], *group["betas"], group["eps"])
-        _lerp_([self.state[p]["ema"] for p in params], params, a * (1.0 - self.decay))
+        _lerp_([self.state[p]["ema"] for p in params], params, (a * (1.0 - self.decay)).float())
 
     def _adamax(self, params: list[Tensor], grads: list[Tensor], a: Tensor, lr: float, weight_decay: float,
                 beta1: float, beta2: float, eps: float) -> None:
