@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from dvp.core.config import from_dict
+from dvp.core.noise import Noise
 from dvp.data.batches import model_inputs
 from dvp.data.datasets import load_data
-from dvp.dist.context import DistContext, init
-from dvp.dist.launch import detect
-from dvp.dist.noise import Noise
 from dvp.model.objectives import elbo_stats
 from dvp.model.precision import autocast, float32_math
 from dvp.model.vae import HierarchicalVAE, build_model
+from dvp.parallel.context import DistContext, init
+from dvp.parallel.launch import detect
 from dvp.train.checkpoint import load_checkpoint
 from dvp.train.engines import make_engine
 

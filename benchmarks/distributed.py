@@ -9,7 +9,8 @@ the DeepSpeed engine's overhead in one process, and 2-rank against 1-rank `dvp-e
 Every training case runs in its own process group: `torchrun --nproc_per_node 2` (OMP_NUM_THREADS=1 and
 `torch.set_num_threads(1)` per rank) or one plain process, re-invoking this file as `--worker SPEC.json`; each rank
 writes one JSON of its measurements, which the parent merges. Every case builds the model with
-`dvp.train.loop.prepare`, the engine with `make_engine` (dvp.train.engines; the same code as `dvp-train`), and steps it on the
+`dvp.train.loop.prepare`, the engine with `make_engine` (dvp.train.engines; the same code as `dvp-train`), and
+steps it on the
 same fixed global batches (every rank gets the whole batch; the engine takes its rows): `--warmup` untimed
 steps, `--steps` timed ones (median s/step; img/s = global batch / median), then one extra step in which the
 memory held is measured. A case that fails records its error and traceback in the JSON, and the rest go on.
@@ -183,8 +184,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     torch.set_flush_denormal(True)       # as dvp.train.loop.train does
     from dvp.core.config import compose
-    from dvp.dist.context import init
-    from dvp.dist.launch import detect
+    from dvp.parallel.context import init
+    from dvp.parallel.launch import detect
     from dvp.train.engines import make_engine
     from dvp.train.loop import lr_at, prepare
     ctx = init(detect(os.environ))
@@ -422,9 +423,9 @@ def eval_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                  platform.processor() or platform.machine())
-    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     try:
         import importlib.metadata as md
         ds_version = md.version("deepspeed")

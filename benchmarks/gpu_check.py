@@ -77,7 +77,8 @@ class Plan:
 
 
 GPU = Plan(batch=250, val_size=10_000, model=(),
-           settings=("fp32_eager", "bf16", "bf16_cl", "bf16_cl_compile"), warmup=3, timed=20, matmul_size=8192, resume_steps=300, zero_steps=20, zero_stages=(2, 3), fp16_steps=30,
+           settings=("fp32_eager", "bf16", "bf16_cl", "bf16_cl_compile"), warmup=3, timed=20, matmul_size=8192,
+           resume_steps=300, zero_steps=20, zero_stages=(2, 3), fp16_steps=30,
            fp16_scale=2.0 ** 24, tf32_images=None,
            is_samples=1000, is_images=1000, threads=None)
 QUICK = Plan(batch=25, val_size=5400, model=("model.num_ch=8", "model.diffusion.T=3"),
@@ -284,7 +285,7 @@ SECTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
 
 def environment(cuda: bool) -> dict[str, Any]:
     import deepspeed
-    from train_throughput import device_name      # this folder: the GPU's name, or the CPU's model name
+    from train_throughput import device_name  # this folder: the GPU's name, or the CPU's model name
     return {"device": device_name(), "cuda": cuda, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "python": platform.python_version(), "cuda_version": torch.version.cuda}
 

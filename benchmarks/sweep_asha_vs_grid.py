@@ -104,7 +104,8 @@ def main() -> None:
     print(f"{'optimizer steps':22} {s['steps_asha']:>10} {s['steps_grid']:>10}")
     print(f"{'best ' + load_sweep(args.sweep).metric:22} {s['best_asha']:>10.3f} {s['best_grid']:>10.3f}")
     print(f"{s['trials']} trials, {s['stopped_early']} stopped early by ASHA; compute saved "
-          f"{100 * s['compute_saved']:.0f}% of the grid's steps; ASHA found the grid's best: {s['asha_found_grid_best']}")
+          f"{100 * s['compute_saved']:.0f}% of the grid's steps; ASHA found the grid's best: "
+          f"{s['asha_found_grid_best']}")
     print(f"wrote {args.out}")
 
 

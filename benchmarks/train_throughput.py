@@ -42,12 +42,12 @@ import torch
 from dvp.core.config import compose
 from dvp.data.batches import model_inputs
 from dvp.data.datasets import load_data
-from dvp.dist.context import init
-from dvp.dist.launch import detect
 from dvp.model.blocks import Float32Conv2d
 from dvp.model.objectives import elbo_stats
 from dvp.model.precision import configure_training
 from dvp.model.vae import HierarchicalVAE, build_model
+from dvp.parallel.context import init
+from dvp.parallel.launch import detect
 from dvp.train.engine_torch import TorchEngine
 from dvp.train.loop import lr_at
 
@@ -162,7 +162,8 @@ def flops_per_image(args: argparse.Namespace) -> float:
     train = images(args.data_root, args.seed)
     model = model_for(cfg, train).train()
     torch.manual_seed(args.seed)
-    x_enc, x_target = model_inputs(batches(train, 1, args.seed, args.batch)[0], cfg.data.binarize, cfg.data.encoder_sees)
+    x = batches(train, 1, args.seed, args.batch)[0]
+    x_enc, x_target = model_inputs(x, cfg.data.binarize, cfg.data.encoder_sees)
     with FlopCounterMode(display=False) as counter:
         elbo_stats(model(x_enc, x_target), (1, 28, 28))["loss"].backward()
     return counter.get_total_flops() / args.batch
@@ -227,7 +228,8 @@ def table(results: list[dict[str, Any]]) -> str:
             "peak MiB", "final nelbo", "Δnelbo vs fp32")
     rows = [head] + [(r["setting"], f"{r['s_per_step']:.3f}", f"{r['images_per_s']:.0f}",
                       f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-",
-                      f"{r['gflops']:.1f}", f"{100 * r['frac_fp32_peak']:.1f}%", f"{100 * r['frac_bf16_peak']:.1f}%", f"{100 * r['conv_share']:.0f}%",
+                      f"{r['gflops']:.1f}", f"{100 * r['frac_fp32_peak']:.1f}%", f"{100 * r['frac_bf16_peak']:.1f}%",
+                      f"{100 * r['conv_share']:.0f}%",
                       f"{r['ceiling_speedup']:.2f}x" if r["ceiling_speedup"] is not None else "-",
                       f"{r['peak_rss_mib']:.0f}",
                       f"{r['nelbo_final']:.2f}",

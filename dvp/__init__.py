@@ -4,11 +4,11 @@ The layers, lowest first; each folder's __init__ says what it owns and which lay
 tests/test_layout.py), so data flows one way: config -> data + model -> evaluation -> engine + loop -> sweeps ->
 commands.
 
-    core/      errors, config, paths, signals, file_kind           imports nothing of dvp
-    dist/      launch environment, process group + device, noise   core
-    data/      datasets, batches                                   core, dist
-    model/     vae, pseudo_input, blocks, unet, diffusion, likelihoods, precision, objectives   core, dist
-    evaluate/  sharded ELBO / IS-NLL, progress                     core, dist, data, model
+    core/      errors, config, paths, signals, file_kind, noise    imports nothing of dvp
+    parallel/  launch environment, process group + device          core
+    data/      datasets, batches                                   core
+    model/     vae, pseudo_input, blocks, unet, diffusion, likelihoods, precision, objectives   core
+    evaluate/  sharded ELBO / IS-NLL, progress                     core, parallel, data, model
     train/     engines, optim, loop, checkpoint, logger, curves    the layers above
     tune/      Ray Tune sweeps and their report                    the layers above
     cli/       the commands                                        any

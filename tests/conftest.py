@@ -7,7 +7,7 @@ would oversubscribe the cores and OpenMP's waiting threads would slow every test
 Device: the suite is a CPU suite, on a machine with GPUs too. Its bitwise checks compare runs whose reduction
 order is fixed only on the CPU, and its multi-process tests put several ranks on one host, which on one GPU would
 share it (NCCL refuses). So every test, and every process it starts, sees no GPU (`CUDA_VISIBLE_DEVICES` empty,
-which asks for none: dvp.dist.launch.gpu_request) and DeepSpeed's CPU accelerator (`DS_ACCELERATOR=cpu`),
+which asks for none: dvp.parallel.launch.gpu_request) and DeepSpeed's CPU accelerator (`DS_ACCELERATOR=cpu`),
 unless `DVP_TEST_GPU=1`: then the GPUs stay visible for the tests marked `gpu` (tests/test_gpu.py, run by
 benchmarks/gpu_check.py on a GPU machine; CI has none).
 """

@@ -12,7 +12,7 @@ EVENT, on rank RANK when optimizer step STEP (0-based) starts:
     pause   this rank writes the file DVP_PAUSE_MARK names, then sleeps DVP_PAUSE_S seconds (default 30) before
             the step: the other ranks wait for it in the step's all-reduce (a test cuts this rank's network then)
     none    nothing
-The rank is read from the launcher's variables (RANK or OMPI_COMM_WORLD_RANK), as dvp.dist.launch does.
+The rank is read from the launcher's variables (RANK or OMPI_COMM_WORLD_RANK), as dvp.parallel.launch does.
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def _save_native(original: Any) -> Any:
     return save
 
 
-dvp.train.engine_deepspeed.DeepSpeedEngine.save_native = _save_native(dvp.train.engine_deepspeed.DeepSpeedEngine.save_native)
+_engine = dvp.train.engine_deepspeed.DeepSpeedEngine
+_engine.save_native = _save_native(_engine.save_native)
 for module in (dvp.train.engine_torch, dvp.train.engine_deepspeed):
     module.elbo_stats = _elbo_stats(module.elbo_stats)
 for cls in (dvp.train.engine_torch.TorchEngine, dvp.train.engine_deepspeed.DeepSpeedEngine):

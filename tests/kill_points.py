@@ -100,7 +100,8 @@ def main() -> int:
     elif point == "term_val":
         dvp.train.loop.evaluate_elbo = _sigterm_on_nth(n, dvp.train.loop.evaluate_elbo)
     elif point == "final_eval":
-        dvp.evaluate.sharded.importance_sampled_nll = _on_nth(n, dvp.evaluate.sharded.importance_sampled_nll, before=True)
+        sharded = dvp.evaluate.sharded
+        sharded.importance_sampled_nll = _on_nth(n, sharded.importance_sampled_nll, before=True)
     else:
         raise SystemExit(f"unknown kill point {point!r}")
     return dvp.cli.train.main(argv)

@@ -12,9 +12,9 @@ import random
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -213,7 +213,8 @@ CASES: list[Case] = [
          "eval.max_images=-1 is out of range"),
     case("eval-precision-fp8", "eval", "run_dir=<run> eval.precision=fp8", "eval.precision='fp8' is not allowed"),
     case("eval-key-not-allowed", "eval", "run_dir=<run> train.lr=1",
-         "'train.lr' cannot be set here; allowed: run_dir, checkpoint, artifact, out, eval.*, train.eval_batch_size, data.root"),
+         "'train.lr' cannot be set here; allowed: run_dir, checkpoint, artifact, out, eval.*, "
+         "train.eval_batch_size, data.root"),
     case("eval-unknown-eval-key", "eval", "run_dir=<run> eval.nope=1", "unknown config key 'eval.nope'"),
     case("eval-is-samples-text", "eval", "run_dir=<run> eval.is_samples=abc",
          "config key 'eval.is_samples' expects int"),

@@ -187,7 +187,8 @@ def _check_train_throughput(out: Outputs) -> None:
     assert list(results) == ["fp32_eager", "bf16"]
     for row in results.values():
         assert len(row["nelbo_steps"]) == 2 and _finite(*row["nelbo_steps"])
-        assert _finite(*(row[k] for k in ("s_per_step", "images_per_s", "speedup", "gflops", "frac_fp32_peak", "frac_bf16_peak",
+        assert _finite(*(row[k] for k in ("s_per_step", "images_per_s", "speedup", "gflops", "frac_fp32_peak",
+                                          "frac_bf16_peak",
                                           "conv_share", "ceiling_speedup", "peak_rss_mib", "nelbo_final",
                                           "dnelbo_rel")))
         assert math.isclose(row["gflops"], r["flops_per_image"] * row["images_per_s"] / 1e9)

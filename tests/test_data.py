@@ -15,9 +15,9 @@ import torchvision
 from torch.utils.data import random_split
 
 from dvp.core.errors import DataError
+from dvp.core.noise import Noise
 from dvp.data.batches import BatchIterator, dynamic_binarize
 from dvp.data.datasets import DataSplits, load_data
-from dvp.dist.noise import Noise
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 

@@ -18,9 +18,9 @@ import yaml
 
 from dvp.cli.train import main
 from dvp.core.errors import ConfigError
-from dvp.dist.context import DistContext, device_index, shared_gpu
-from dvp.dist.interface import Interface
-from dvp.dist.launch import gpu_request, nccl_error_settings
+from dvp.parallel.context import DistContext, device_index, shared_gpu
+from dvp.parallel.interface import Interface
+from dvp.parallel.launch import gpu_request, nccl_error_settings
 from dvp.tune.spec import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

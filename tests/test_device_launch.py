@@ -46,8 +46,8 @@ def test_two_ranks_name_both_devices_and_each_host_logs_its_own_line_once(tmp_pa
 TIMEOUTS = """
 import json, os, torch, torch.distributed as dist
 from dvp.core.errors import ConfigError
-from dvp.dist.context import init
-from dvp.dist.launch import detect
+from dvp.parallel.context import init
+from dvp.parallel.launch import detect
 try:
     ctx = init(detect(os.environ), timeout_s=600, rendezvous_timeout_s=float(os.environ["JOIN_S"]))
 except ConfigError as exc:

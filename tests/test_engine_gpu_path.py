@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dvp.core.config import compose
 from dvp.core.signals import SIGNALS
-from dvp.dist.context import DistContext, init
-from dvp.dist.launch import detect
+from dvp.parallel.context import DistContext, init
+from dvp.parallel.launch import detect
 from dvp.train.checkpoint import load_checkpoint, save_checkpoint
 from dvp.train.engine import LossScale, StepStats
 from dvp.train.engine_torch import TorchEngine

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from test_distributed import flat, losses, ok, records, train, weights
 from test_engine_gpu_path import SMALLEST
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import ok, records, train
 
 from dvp.train.checkpoint import load_checkpoint
-from test_distributed import ok, records, train
 
 pytestmark = pytest.mark.gpu
 
@@ -110,8 +110,8 @@ def test_a_training_step_never_waits_for_the_gpu(engine: str, precision: str) ->
     and their statistics are then read. Not checked: fp16 (torch's GradScaler reads its overflow flag each step)
     and ZeRO-3 (DeepSpeed reads its gradient norm)."""
     from dvp.core.config import compose
-    from dvp.dist.context import init
-    from dvp.dist.launch import detect
+    from dvp.parallel.context import init
+    from dvp.parallel.launch import detect
     from dvp.train.engines import make_engine
     from dvp.train.loop import prepare
     ds = [] if engine == "dist.engine=torch" else ["dist.engine=deepspeed"]

@@ -11,7 +11,7 @@ import torch
 from dvp.core.config import compose
 from dvp.evaluate.sharded import _is_nll_sum, evaluate_elbo
 from dvp.model.blocks import Float32Conv2d
-from dvp.model.precision import configure_training, evaluation, float32_math, memory_format
+from dvp.model.precision import configure_training, float32_math, memory_format
 from dvp.train.loop import prepare
 
 TINY = ["model.num_ch=16", "model.diffusion.T=5", "eval.is_samples=4", "eval.is_chunk=2", "eval.batch_size=3",

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from dvp.core.errors import ConfigError
-from dvp.dist.context import init
-from dvp.dist.launch import LAUNCHERS, LaunchEnv, detect, expand_hostlist
+from dvp.parallel.context import init
+from dvp.parallel.launch import LAUNCHERS, LaunchEnv, detect, expand_hostlist
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_", "CROSS_", "RAY_")
@@ -229,8 +229,8 @@ def test_a_rendezvous_host_that_does_not_answer_is_named_with_what_set_it(launch
 
 WORKER = """
 import json, os, torch, torch.distributed as dist
-from dvp.dist.context import init
-from dvp.dist.launch import detect
+from dvp.parallel.context import init
+from dvp.parallel.launch import detect
 env = detect(os.environ)
 ctx = init(env, timeout_s=60)
 total = ctx.all_reduce_sum(torch.tensor([ctx.rank + 1.0])).item()
@@ -300,8 +300,8 @@ def test_two_processes_on_gloo(variables, launcher: str, tmp_path: Path) -> None
 LONELY = """
 import os
 from dvp.core.errors import ConfigError
-from dvp.dist.context import init
-from dvp.dist.launch import detect
+from dvp.parallel.context import init
+from dvp.parallel.launch import detect
 try:
     init(detect(os.environ), timeout_s=5)
 except ConfigError as exc:

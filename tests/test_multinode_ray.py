@@ -246,7 +246,7 @@ def test_a_cut_cable_shrinks_an_elastic_trial_a_new_host_grows_it_and_the_report
     assert re.search(r"Engine x 1 \(.*resumed at step (20|40|60)\b", out), out[-6000:]   # from epoch 1-3's checkpoint
     trial, = (p.name.removeprefix("trial_") for p in folder.glob("trial_*"))
     results = reported(folder / f"trial_{trial}")
-    assert [r["epoch"] for r in results] == list(range(1, EPOCHS + 1)), results              # every epoch told to Tune once
+    assert [r["epoch"] for r in results] == list(range(1, EPOCHS + 1)), results    # every epoch told to Tune once
     sizes = [r["world_size"] for r in results]
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
     assert any("node2" in r["hosts"] for r in results) and any(r["hosts"] == "node0" for r in results), results
@@ -289,8 +289,8 @@ export PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=0
 cd "$HOME"
 """
 """A node's login shell: its own venv first on PATH, its own Ray temp folder (Ray's token: ~/.ray/auth_token,
-shipped by the YAML), a worker's Ray ending 10 s after it loses the head's GCS (Ray's default: 60 s); pip offline, building with the venv's own setuptools (the hosts reach no package index, as
-on an air-gapped cluster)."""
+shipped by the YAML), a worker's Ray ending 10 s after it loses the head's GCS (Ray's default: 60 s); pip offline,
+building with the venv's own setuptools (the hosts reach no package index, as on an air-gapped cluster)."""
 RAY_WRAPPER = """\
 #!/bin/bash
 # `ray stop` (which ray up runs on every node, ray down on the head) ends this node's Ray only: every host of the
@@ -300,8 +300,9 @@ exec {venv}/bin/python -m ray.scripts.scripts "$@"
 """
 
 
-STOP_HERE = ("import os; from dvp.tune.ray_stop import ray_processes, terminate; net = os.readlink('/proc/self/ns/net');"
-             " terminate([p for p in ray_processes(os.environ['RAY_TMPDIR']) if os.readlink(f'/proc/{p}/ns/net') == net])")
+STOP_HERE = ("import os; from dvp.tune.ray_stop import ray_processes, terminate; "
+             "net = os.readlink('/proc/self/ns/net'); terminate([p for p in ray_processes(os.environ['RAY_TMPDIR']) "
+             "if os.readlink(f'/proc/{p}/ns/net') == net])")
 
 
 def ray_on_host(hosts: Hosts, i: int) -> list[str]:
@@ -378,7 +379,8 @@ def test_ray_up_on_a_head_and_a_worker_host_runs_a_sweep_on_both_with_token_auth
         try:
             up = ray("up", "-y", "--no-config-cache", "--disable-usage-stats", str(short / "cluster.yaml"),
                      timeout=900)
-            assert up.returncode == 0 and "Ray runtime started" in up.stdout + up.stderr, (up.stdout + up.stderr)[-6000:]
+            out = up.stdout + up.stderr
+            assert up.returncode == 0 and "Ray runtime started" in out, out[-6000:]
             assert ray_on_host(hosts, 0), "no Ray on the head after ray up"
             wait_for(lambda: ray_on_host(hosts, 1), 600, "the worker node (the head's autoscaler starts it)")
             for i in range(2):      # the token shipped (node1's: before its Ray started), 0600 although the

@@ -54,7 +54,8 @@ def test_arms_cross_each_family_own_axes_and_overrides_compose(tmp_path: Path) -
     ({"resources": {"workers": "2"}}, [], "'resources.workers' expects an integer or [min, max]"),
     ({"resources": {"workers": [3, 1]}}, [], "resources.workers=[3, 1] needs 1 <= min <= max"),
     ({"experiments": {"digits/nope": {}}}, [], "experiment 'digits/nope' not found"),
-    ({"experiments": {"digits/dvp_vae": {"model.ctx_size": 4}}}, [], "experiments.digits/dvp_vae.model.ctx_size must be a non-empty list"),
+    ({"experiments": {"digits/dvp_vae": {"model.ctx_size": 4}}}, [],
+     "experiments.digits/dvp_vae.model.ctx_size must be a non-empty list"),
     ({"space": {"model.depth": {"grid": [1, 2]}}}, [], "unknown config key 'model.depth'"),
     ({"space": {"model.latent_scales": {"grid": ["deep"]}}}, [], "config key 'model.latent_scales' expects list"),
     ({"space": {"train.lr": {"uniform": [0.1]}}}, [], "space.train.lr.uniform takes 2 numbers"),
@@ -87,7 +88,8 @@ def test_a_relative_storage_is_fixed_where_the_sweep_starts(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     spec = load_sweep(path, ["storage=runs/sweeps"])
     monkeypatch.chdir("/")
-    assert spec.sweep_dir == str(tmp_path.resolve() / "runs/sweeps/s") and str(spec.runs_dir()).startswith(str(tmp_path))
+    assert spec.sweep_dir == str(tmp_path.resolve() / "runs/sweeps/s")
+    assert str(spec.runs_dir()).startswith(str(tmp_path))
 
 
 def test_missing_sweep_names_the_known_ones(capsys: pytest.CaptureFixture) -> None:

@@ -14,9 +14,9 @@ from PIL import Image
 
 from dvp.core.config import compose
 from dvp.core.errors import CheckpointError, TrainingStopped
-from dvp.dist.context import init
-from dvp.dist.launch import detect
 from dvp.model.vae import build_model
+from dvp.parallel.context import init
+from dvp.parallel.launch import detect
 from dvp.train.checkpoint import load_checkpoint, save_checkpoint
 from dvp.train.engine_torch import TorchEngine
 from dvp.train.loop import lr_at, prepare, train

@@ -9,9 +9,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from typing import Callable
 
 import torch.distributed as dist
 from omegaconf import DictConfig
@@ -19,8 +18,8 @@ from omegaconf import DictConfig
 from dvp.core.config import experiments
 from dvp.core.errors import USER_ERRORS, ConfigError, Interrupted, PeerLost, one_line
 from dvp.core.signals import StopSignals, held
-from dvp.dist.context import DistContext, init
-from dvp.dist.launch import detect
+from dvp.parallel.context import DistContext, init
+from dvp.parallel.launch import detect
 
 MAIN_KEYS = """
 Main keys (any key of configs/defaults.yaml works as key=value):
@@ -38,7 +37,7 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote pr
              "Broken pipe", "Timed out waiting", "timed out", "Watchdog caught collective operation timeout")
 """What a collective raises (gloo's RuntimeError, NCCL's messages) when another rank of the job has died or its
 host stopped answering (after dist.timeout_s). On NCCL the exception reaches Python only through blocking wait
-(`dvp.dist.launch.nccl_error_settings`): a DistBackendError, '... timed out in blocking wait' or 'NCCL error ...
+(`dvp.parallel.launch.nccl_error_settings`): a DistBackendError, '... timed out in blocking wait' or 'NCCL error ...
 remote process exited or there was a network error'."""
 RESUME = "rerun the command with this run's run_dir= (its first line) to resume from the last checkpoint"
 LOCAL_RANK_FLAG = "--local_rank"
@@ -94,7 +93,7 @@ def peers_watched(ctx: DistContext, timeout_s: float) -> Iterator[None]:
 def without_local_rank(argv: list[str], environ: Mapping[str, str]) -> list[str]:
     """`argv` without the `--local_rank=N` (or `--local_rank N`) that the deepspeed launcher puts before the
     script's arguments (`deepspeed --module dvp.train ...`; its `--no_local_rank` leaves it out). The device
-    comes from the environment (LOCAL_RANK, which that launcher sets too; `dvp.dist.launch.detect`): N is
+    comes from the environment (LOCAL_RANK, which that launcher sets too; `dvp.parallel.launch.detect`): N is
     ignored, but one that disagrees with the environment's local rank is a ConfigError."""
     flags = [i for i, a in enumerate(argv) if a == LOCAL_RANK_FLAG or a.startswith(LOCAL_RANK_FLAG + "=")]
     if not flags:

@@ -1,7 +1,8 @@
 """`dvp-eval run_dir=DIR [checkpoint=best|last|PATH] [eval.is_samples=K] [eval.max_images=N] [out=FILE.json]`
 
 Evaluates a checkpoint's EMA weights (or raw ones: eval.weights=raw) on the test set: the negative ELBO
-(diffusion term by its T-point quadrature), the importance-sampled NLL with K samples (`eval.is_weight=iwae`, the valid estimator, unless asked otherwise),
+(diffusion term by its T-point quadrature), the importance-sampled NLL with K samples (`eval.is_weight=iwae`, the
+valid estimator, unless asked otherwise),
 bits/dim, active units, per-layer KL and the sampling time per image. Writes `<checkpoint>.eval.json` next to the
 checkpoint and prints a table. `artifact=ENTITY/PROJECT/NAME:ALIAS` evaluates a checkpoint logged to wandb
 (online only) instead of a local run dir.

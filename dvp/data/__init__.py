@@ -1,5 +1,5 @@
 """Data: the datasets' files read into train/val/test splits (datasets), and what the model is fed (batches:
 dynamic binarisation, the encoder's and the likelihood's inputs, the seeded resumable batch order).
 
-Imports: dvp.core, dvp.dist.
+Imports: dvp.core.
 """

@@ -11,14 +11,14 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from dvp.dist.noise import Noise, rand_like
+from dvp.core.noise import Noise, rand_like
 
 __all__ = ["BatchIterator", "dynamic_binarize", "model_inputs"]
 
 
 def dynamic_binarize(x: torch.Tensor, noise: Noise | None = None) -> torch.Tensor:
     """Draw ``x_bin ~ Bernoulli((x + 1) / 2)`` for grey levels ``x`` in ``[-1, 1]``: ``x_bin = [v < (x + 1) / 2]``
-    with ``v ~ U(0, 1)`` from ``noise`` (see dvp.dist.noise) or the default RNG.
+    with ``v ~ U(0, 1)`` from ``noise`` (see dvp.core.noise) or the default RNG.
 
     Returns a tensor of the same shape, dtype and device as ``x`` with values in ``{0, 1}``.
     """

@@ -1,7 +1,7 @@
 """Sharded evaluation of a model on a split: the mean -ELBO terms and active units (every validation), and the test
 set's ELBO, importance-sampled NLL, bits/dim, per-layer KL and sampling time (the end of a run, and dvp-eval).
 
-The ELBO: each rank takes its rows of every batch, every draw by global row (dvp.dist.noise). The IS-NLL: each
+The ELBO: each rank takes its rows of every batch, every draw by global row (dvp.core.noise). The IS-NLL: each
 rank takes whole batches of eval.batch_size test images (so every rank works up to n_test / batch_size ranks),
 every draw by batch index. Sums are all-reduced, so every rank gets the single-process numbers up to float
 summation order. Every evaluation forward pass is true float32 (no TF32) or eval.precision's autocast
@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from dvp.core.noise import Noise, noise_seed, shard
 from dvp.core.paths import replace_atomically
 from dvp.data.batches import model_inputs
-from dvp.dist.context import DistContext
-from dvp.dist.noise import Noise, noise_seed, shard
 from dvp.evaluate.progress import ImageProgress, is_nll_cost
 from dvp.model.objectives import active_units, bits_per_dim, elbo_stats, importance_sampled_nll, moments
 from dvp.model.precision import evaluation
 from dvp.model.vae import HierarchicalVAE
+from dvp.parallel.context import DistContext
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ def evaluate_elbo(model: HierarchicalVAE, x_all: torch.Tensor, cfg: DictConfig, 
 
 class ChunkDraws:
     """The draws of consecutive importance-sampling chunks run in one forward pass: each chunk's own `Noise`,
-    concatenated along the sample axis (the layout reps x rows x inner of dvp.dist.noise, the chunks' samples
+    concatenated along the sample axis (the layout reps x rows x inner of dvp.core.noise, the chunks' samples
     in order). A pass of any number of chunks therefore sees the draws of those chunks run one by one, and the
     estimate does not depend on how many chunks a pass holds."""
 

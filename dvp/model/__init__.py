@@ -2,5 +2,5 @@
 pseudo-input u), blocks, unet and diffusion (the diffusion prior p(u)), likelihoods, precision (autocast), and
 objectives (the ELBO terms, the importance-sampled NLL, active units).
 
-Imports: dvp.core, dvp.dist (the noise of every draw). Never data, the engines or the loop.
+Imports: dvp.core (the noise of every draw). Never data, processes, the engines or the loop.
 """

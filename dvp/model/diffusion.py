@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvp.dist.noise import Noise, rand_like, randn_like
+from dvp.core.noise import Noise, rand_like, randn_like
 from dvp.model.unet import UNet
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dvp.dist.noise import Noise
+from dvp.core.noise import Noise
 from dvp.model.vae import HierarchicalVAE, Terms
 
 
@@ -42,7 +42,7 @@ def importance_sampled_nll(model: HierarchicalVAE, x: Tensor, x_target: Tensor, 
     """-log p(x) estimated with k importance samples from q, `chunk` samples per forward pass; shape [B].
 
     One target x_target (e.g. one binarisation) is shared by all k samples. The diffusion prior uses its T-point
-    quadrature bound. `noise(start, n)` gives the draws of samples start..start+n (see dvp.dist.noise; None: the
+    quadrature bound. `noise(start, n)` gives the draws of samples start..start+n (see dvp.core.noise; None: the
     default RNG).
     """
     if weight not in ("iwae", "analytic_kl"):

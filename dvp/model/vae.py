@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dvp.core.config import group_resolutions
-from dvp.dist.noise import Noise, randn_like
+from dvp.core.noise import Noise, randn_like
 from dvp.model.blocks import DecoderResBlock, EncoderResBlock, conv
 from dvp.model.diffusion import DiffusionPrior
 from dvp.model.likelihoods import Bernoulli, LogisticMixture
@@ -226,7 +226,7 @@ class HierarchicalVAE(nn.Module):
     def _top_down(self, batch: int, feats: list[Tensor] | None, u: Tensor | None,
                   temperature: float = 1.0, noise: Noise | None = None) -> tuple[Tensor, list[Tensor], list[tuple]]:
         """Run the ladder; posterior sampling when `feats` is given, prior sampling otherwise; draws from
-        `noise` (see dvp.dist.noise) or the default RNG.
+        `noise` (see dvp.core.noise) or the default RNG.
 
         Returns x-params, the z samples (top first) and per-layer (mu_p, logvar_p, mu_q, logvar_q).
         """
@@ -258,7 +258,7 @@ class HierarchicalVAE(nn.Module):
         """All ELBO / IWAE terms for images x (what the encoder sees) and targets x_target (what is modelled).
 
         `quadrature` selects the T-point test-time bound of the diffusion prior instead of one random t. Every
-        random draw comes from `noise` (a function of the global sample index, see dvp.dist.noise) or, when None,
+        random draw comes from `noise` (a function of the global sample index, see dvp.core.noise) or, when None,
         from the default RNG.
         """
         b = x.shape[0]

@@ -5,5 +5,5 @@ and curves (a run's learning curves).
 
 `python -m dvp.train` is the `dvp-train` command (dvp.cli.train), for launchers that take a module.
 
-Imports: dvp.core, dvp.dist, dvp.data, dvp.model, dvp.evaluate.
+Imports: dvp.core, dvp.parallel, dvp.data, dvp.model, dvp.evaluate.
 """

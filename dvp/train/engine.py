@@ -42,10 +42,10 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dvp.core.noise import Noise, noise_seed, shard
 from dvp.data.batches import model_inputs
-from dvp.dist.context import DistContext
-from dvp.dist.noise import Noise, noise_seed, shard
 from dvp.model.precision import memory_format
+from dvp.parallel.context import DistContext
 from dvp.train.optim import AdamaxEMA
 
 Votes = Callable[[], list[float]]

@@ -1,5 +1,5 @@
 """The DeepSpeed engine: data parallelism over any number of processes, ZeRO stage 0-3 (`dist.zero_stage`),
-fp32 / bf16 / fp16 (`train.precision`), on the process group of `dvp.dist`.
+fp32 / bf16 / fp16 (`train.precision`), on the process group of `dvp.parallel`.
 
     engine = DeepSpeedEngine(model, cfg, image_shape, ctx)     # same interface as engine.TorchEngine
     engine.save_native(dir, tag, client_state); engine.load_native(dir, tag)   # DeepSpeed's own shards
@@ -23,7 +23,8 @@ Choices, and why:
   256k parameters is reduced in 4 or more buckets, so with `overlap_comm` (ZeRO 2 and 3: DeepSpeed reduces each
   bucket on a side stream while backward computes the next) communication overlaps compute; at least 2^16
   elements (256 kB: fewer would be latency-bound messages), at most 5e7 (200 MB of float32 per buffer, two
-  with overlap_comm), where DeepSpeed's default 5e8 would allocate 2 GB per rank whatever the model's size. ZeRO 1 reduces after backward (DeepSpeed installs its
+  with overlap_comm), where DeepSpeed's default 5e8 would allocate 2 GB per rank whatever the model's size. ZeRO 1
+  reduces after backward (DeepSpeed installs its
   gradient hooks at stage 1 only with overlap_comm, which we leave off there: DeepSpeed's default), ZeRO 0 in
   its own buckets after backward. The bucketing changes no number: each gradient element is the same sum over
   ranks whatever bucket it travels in (tests/test_distributed.py's bitwise world-size checks).
@@ -38,8 +39,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dvp.dist.context import DistContext, deepspeed_environment
 from dvp.model.objectives import elbo_stats
+from dvp.parallel.context import DistContext, deepspeed_environment
 from dvp.train.engine import Engine, Votes
 from dvp.train.optim import AdamaxEMA
 

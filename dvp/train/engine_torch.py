@@ -8,9 +8,9 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dvp.dist.context import DistContext
 from dvp.model.objectives import elbo_stats
 from dvp.model.precision import autocast
+from dvp.parallel.context import DistContext
 from dvp.train.engine import Engine, Votes
 from dvp.train.optim import AdamaxEMA
 

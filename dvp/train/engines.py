@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from dvp.dist.context import DistContext
+from dvp.parallel.context import DistContext
 from dvp.train.engine import Engine
 from dvp.train.engine_torch import TorchEngine
 

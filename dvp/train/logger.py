@@ -99,7 +99,8 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, config: dict, *, total_steps: int | None, enabled: bool = True,
                  wandb_mode: str = "offline", project: str = "dvp", entity: str | None = None,
-                 group: str | None = None, log_checkpoints: bool = False, start_step: int = 0, keep_records: int | None = None) -> None:
+                 group: str | None = None, log_checkpoints: bool = False, start_step: int = 0,
+                 keep_records: int | None = None) -> None:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}")
         self.enabled = enabled

@@ -17,7 +17,8 @@ and a signal or the clock is agreed in each step's statistics all-reduce); check
 Resume: `dvp-train run_dir=DIR` (the same command, given the run's run_dir=) continues from last.pt with the
 weights, EMA, optimizer, loop counters (step, epoch, best validation, patience), batch position and RNG
 restored, and `metrics.jsonl`
-cut back to the records that existed when last.pt was written, at any world size (tests/test_distributed.py). So after a kill -9 anywhere, or a stop by
+cut back to the records that existed when last.pt was written, at any world size (tests/test_distributed.py). So
+after a kill -9 anywhere, or a stop by
 `max_steps` / `max_minutes` (a pause: no validation, no patience counted), the resumed run ends with the same
 weights (bitwise on CPU), the same best.pt and the same records as one that never stopped. Tested in
 tests/test_resume.py.
@@ -43,11 +44,11 @@ from dvp.core.paths import check_output_dir, replace_atomically
 from dvp.core.signals import SIGNALS, StopSignals, signal_name
 from dvp.data.batches import BatchIterator, model_inputs
 from dvp.data.datasets import DataSplits, load_data_config
-from dvp.dist.context import DistContext, accelerator_rng_state, init, set_accelerator_rng_state
-from dvp.dist.launch import detect
 from dvp.evaluate.sharded import evaluate_elbo, evaluate_test
 from dvp.model.precision import configure_training
 from dvp.model.vae import HierarchicalVAE, build_model, parameter_counts
+from dvp.parallel.context import DistContext, accelerator_rng_state, init, set_accelerator_rng_state
+from dvp.parallel.launch import detect
 from dvp.train.checkpoint import (
     check_weights_match,
     load_checkpoint,
@@ -114,7 +115,7 @@ def resume_config(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) 
 def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext | None = None,
           report: EpochReport | None = None) -> Path:
     """Train (or resume) the run described by `cfg` on the processes of `ctx` (default: this process alone, see
-    `dvp.dist`); returns the run directory. `report` is called at every epoch end (e.g. to tell Ray Tune);
+    `dvp.parallel`); returns the run directory. `report` is called at every epoch end (e.g. to tell Ray Tune);
     `run_dir/stop.json` records why training ended when it ended by itself.
 
     Every check (config, run dir, checkpoint, data) happens before anything is written; rank 0 resolves and
@@ -185,7 +186,8 @@ def _build(cfg: DictConfig, data: DataSplits, model: HierarchicalVAE, ctx: DistC
     """The engine (resumed from `saved` when given), the batch iterator at its position and the loop state.
 
     A resume at the world size and ZeRO stage that wrote DeepSpeed's shards loads them (`load_native`); any other
-    (another world size, stage or engine) re-partitions the consolidated state of last.pt. A checkpoint that does not fit
+    (another world size, stage or engine) re-partitions the consolidated state of last.pt. A checkpoint that does
+    not fit
     this run is a CheckpointError before anything is written."""
     t = cfg.train
     batches = BatchIterator(data.train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True,

@@ -4,5 +4,5 @@ wandb_report), node (what each process of the sweep's Ray job does first: its ne
 (stop one Ray instance's processes on a node; `python -m dvp.tune.ray_stop`).
 The `dvp-sweep` and `dvp-report` commands are dvp.cli.sweep and dvp.cli.report.
 
-Imports: dvp.core, dvp.dist, dvp.data, dvp.model, dvp.evaluate, dvp.train.
+Imports: dvp.core, dvp.parallel, dvp.data, dvp.model, dvp.evaluate, dvp.train.
 """

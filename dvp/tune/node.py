@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from dvp.dist.interface import use_interface_of
-from dvp.dist.launch import nccl_error_settings
+from dvp.parallel.interface import use_interface_of
+from dvp.parallel.launch import nccl_error_settings
 
 
 def setup_process() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dvp.core.paths import replace_atomically
-from dvp.dist.context import free_port
+from dvp.parallel.context import free_port
 from dvp.tune.plots import plot_active_units, plot_heatmap, plot_learning_curves, plot_vs_params
 from dvp.tune.spec import SweepSpec
 from dvp.tune.trials import ROW_KEYS, axes, best_row, cell_text, eval_results, open_sweep, rows_of

@@ -38,7 +38,8 @@ DOMAINS = {"grid": None, "choice": None, "uniform": 2, "loguniform": 2, "qunifor
            "qrandint": 3}
 """Shared-axis domains and how many numbers each takes (None: a non-empty list of values)."""
 SEARCHERS = {"basic": None, "optuna": "ray.tune.search.optuna.OptunaSearch",
-             "hyperopt": "ray.tune.search.hyperopt.HyperOptSearch", "bayesopt": "ray.tune.search.bayesopt.BayesOptSearch",
+             "hyperopt": "ray.tune.search.hyperopt.HyperOptSearch",
+             "bayesopt": "ray.tune.search.bayesopt.BayesOptSearch",
              "hebo": "ray.tune.search.hebo.HEBOSearch", "nevergrad": "ray.tune.search.nevergrad.NevergradSearch",
              "ax": "ray.tune.search.ax.AxSearch", "zoopt": "ray.tune.search.zoopt.ZOOptSearch",
              "bohb": "ray.tune.search.bohb.TuneBOHB"}

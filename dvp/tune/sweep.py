@@ -17,7 +17,7 @@ import yaml
 
 import dvp
 from dvp.core.errors import ConfigError
-from dvp.dist.context import free_port
+from dvp.parallel.context import free_port
 from dvp.tune.driver import DRIVER_RESOURCE, can_restore, driver_resources, make_tuner, restore_tuner
 from dvp.tune.report import write_report
 from dvp.tune.spec import SweepSpec
@@ -192,7 +192,8 @@ def _table(spec: SweepSpec, rows: list[dict[str, Any]], values: dict[str, tuple[
     for row in rows:
         best, epochs = values[row["trial_id"]]
         axes = row["overrides"][1 + len(spec.overrides):]
-        lines.append(f"{row['trial_id']:10} {row['status']:10} {epochs:>6} {math.nan if best is None else best:>12.4f}  "
+        shown = math.nan if best is None else best
+        lines.append(f"{row['trial_id']:10} {row['status']:10} {epochs:>6} {shown:>12.4f}  "
                      f"{row['overrides'][0]} {' '.join(axes)}" + (f"  error: {row['error']}" if row["error"] else ""))
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ each epoch's validation metrics reported to Ray and its checkpoint registered th
     TorchTrainer(train_worker, train_loop_config={"overrides": [...], "run_dir": DIR, "threads": N,
                                                   "storage": None or the trial's folder in remote storage}, ...)
 
-Ray has created the process group (RANK, WORLD_SIZE, ... set; `dvp.dist` detects the "ray" launcher and joins
+Ray has created the process group (RANK, WORLD_SIZE, ... set; `dvp.parallel` detects the "ray" launcher and joins
 it). A worker's GPU is the one Ray Train assigned it (`assigned_gpu`), not its local rank's; a worker that Ray
 gave no GPU trains on the CPU (dist.device=auto), on a GPU node too: Ray reserved none for it. The registered
 checkpoint is a folder laid out like a run dir (`config.yaml`, `checkpoints/last.pt`, `checkpoints/best.pt`), so
@@ -29,8 +29,8 @@ import torch
 
 from dvp.core.config import compose
 from dvp.core.paths import replace_atomically
-from dvp.dist.context import AssignedGpu, DistContext, init
-from dvp.dist.launch import detect
+from dvp.parallel.context import AssignedGpu, DistContext, init
+from dvp.parallel.launch import detect
 from dvp.train.checkpoint import load_checkpoint
 from dvp.train.loop import STOP_FILE, train
 from dvp.tune.storage import write_text
@@ -107,7 +107,8 @@ def assigned_gpu() -> AssignedGpu | None:
 def train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker of a trial: `dvp.train.loop.train` on the trial's overrides in the group Ray made."""
     # DeepSpeed's JIT-built ops: one node-local cache shared by the trials (not a shared home on NFS)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / f"dvp-torch-extensions-{os.getuid()}"))
+    extensions = Path(tempfile.gettempdir()) / f"dvp-torch-extensions-{os.getuid()}"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions))
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))     # Ray sets OMP_NUM_THREADS=1
     overrides = [*config["overrides"], f"run_dir={config['run_dir']}"]

@@ -1,7 +1,7 @@
 """The launch environment -> rank, local rank, world size and master address (`LaunchEnv`).
 
 `detect` is a pure function of the environment that the command layer passes in (os.environ); the process
-group and device are dvp.dist.context's `init`:
+group and device are dvp.parallel.context's `init`:
 
     ctx = init(detect(os.environ))
 

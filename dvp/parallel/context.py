@@ -7,14 +7,14 @@ DeepSpeed's accelerator abstraction, and give the loop its collectives.
     cfg = ctx.broadcast_object(cfg)       # rank 0's value everywhere
     ctx.barrier(); ctx.close()
 
-`detect` (dvp.dist.launch) reads the launcher's variables; `init` exports the torch names that DeepSpeed reads.
+`detect` (dvp.parallel.launch) reads the launcher's variables; `init` exports the torch names that DeepSpeed reads.
 
 Device: one index for dvp and DeepSpeed (`device_index`; LOCAL_RANK is exported as it, since DeepSpeed takes its
 device from LOCAL_RANK). No silent CPU: when a GPU is asked for (dist.device=cuda, a GPU that Ray assigned, a
 CUDA_VISIBLE_DEVICES naming devices or Slurm GPUs) and CUDA cannot be used, `init` stops with a ConfigError naming
 what asked and what was found, before any compute; every rank's device is in `DistContext.devices`.
 Timeouts: the join waits at most the rendezvous timeout, every collective after it `timeout_s` (a lost rank then
-raises in every survivor; on NCCL through blocking wait, `dvp.dist.launch.nccl_error_settings`).
+raises in every survivor; on NCCL through blocking wait, `dvp.parallel.launch.nccl_error_settings`).
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 
 from dvp.core.errors import USER_ERRORS, ConfigError
-from dvp.dist.interface import Interface, choose_interface, current_interface
-from dvp.dist.launch import LaunchEnv, gpu_request, nccl_error_settings
+from dvp.parallel.interface import Interface, choose_interface, current_interface
+from dvp.parallel.launch import LaunchEnv, gpu_request, nccl_error_settings
 
 T = TypeVar("T")
 DEVICES = ("auto", "cpu", "cuda")
