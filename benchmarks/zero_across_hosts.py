@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO stages across two hosts joined by a slow link: bytes each host sends per training step and the
-step time, against ZeRO's communication volume. Root: the hosts are network namespaces (tests/netns.py).
+step time, against ZeRO's communication volume. Root: the hosts are network namespaces (tests/helpers/netns.py).
 
     sudo python benchmarks/zero_across_hosts.py                      # stages 0-3, 100 Mbit/s, ~6 min on 2 cores
     sudo python benchmarks/zero_across_hosts.py --stages 0 3 --steps 3 6 --rate 1000mbit   # a quick check
@@ -49,7 +49,7 @@ def shape(hosts: Any, i: int, rate: str, latency: str) -> None:
 
 def run(stage: int, steps: int, rate: str, latency: str, base: Path) -> dict[str, Any]:
     """One 2-host torchrun of `steps` steps at ZeRO `stage`; bytes sent by the hosts and the step times."""
-    from netns import Hosts
+    from helpers.netns import Hosts
     run_dir = base / f"z{stage}-{steps}"
     with Hosts(base, 2) as hosts:
         for i in range(2):

@@ -329,7 +329,7 @@ QUICK: dict[str, Quick] = {
         lines=(r"setting\s+\| s/step \| img/s \| speedup \|.*", r"fp32_eager \|.*\|\s+1\.00x \|.*\|\s+\+0\.00%",
                r"bf16\s+\|.*\|\s+[-+]\d+\.\d\d%", r"\s+\d\.\d{3} GFLOP per image per training step; .*",
                r"wrote .*/train_throughput\.json")),
-    "zero_across_hosts.py": Quick(            # root: two hosts made of network namespaces (tests/netns.py)
+    "zero_across_hosts.py": Quick(            # root: two hosts made of network namespaces (tests/helpers/netns.py)
         argv=("--stages", "0", "3", "--steps", "2", "4", "--rate", "1000mbit",
               "--out", "{tmp}/zero_across_hosts.json"),
         outputs=("zero_across_hosts.json",), check=_check_zero_across_hosts,

@@ -208,9 +208,12 @@ def _weights_error(expected, found) -> str:
     return message
 
 
-def test_weights_of_the_same_config_match(weights) -> None:
+def test_weights_of_the_same_config_match_whatever_their_values(weights) -> None:
+    """Keys and shapes are compared, not values: another initialisation of the same config passes."""
+    torch.manual_seed(1)
     same_config = build_model(compose(["model.num_ch=16"]), IMAGE_SHAPE).state_dict()
-    check_weights_match(Path("best.pt"), same_config, weights, "ema")
+    assert any(not torch.equal(same_config[k], weights[k]) for k in weights)
+    assert check_weights_match(Path("best.pt"), same_config, weights, "ema") is None     # no CheckpointError
 
 
 def test_a_different_shape_names_the_first_key_and_both_shapes(weights) -> None:

@@ -1,4 +1,5 @@
-"""The cluster launch files against real daemons on this machine (tests/clusters.py starts them, stops them by PID):
+"""The cluster launch files against real daemons on this machine (tests/helpers/clusters.py starts them, stops them
+by PID):
 a single-node Slurm (munged, slurmctld, slurmd) running cluster/slurm/train.sbatch. Minutes each: marked
 `cluster`; .ci/run installs the Debian packages and runs them.
 
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from clusters import Slurm, wait_for
+from helpers.clusters import Slurm, wait_for
 
 from dvp.train.checkpoint import load_checkpoint
 from dvp.train.logger import read_metrics

@@ -27,7 +27,7 @@ import torch
 from dvp.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-DRIVER = ROOT / "tests" / "dist_points.py"
+DRIVER = ROOT / "tests" / "helpers" / "dist_points.py"
 COMMON = ["model.num_ch=16", "train.batch_size=32", "train.log_every=1", "train.final_eval=false",
           "wandb.mode=disabled", "train.num_threads=1"]
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

@@ -156,7 +156,9 @@ def test_wandb_failure_does_not_stop_training(tmp_path, capsys):
                     log_checkpoints=True)
     log.log_train(1, {"loss": 0.5}, images_per_s=1.0)
     log.log_eval(1, 1, "val", {"loss": 0.5})
-    assert log.log_images(1, "samples", torch.zeros(1, 1, 8, 8)).exists()
+    with Image.open(log.log_images(1, "samples", torch.zeros(1, 1, 8, 8))) as im:   # the grid, written whole
+        assert im.size == (512, 512)                    # one 8 px image (no padding), x64 to reach 512 px
+        assert im.convert("L").getextrema() == (128, 128)   # 0 in [-1, 1] is mid-grey everywhere
     log.log_summary({"params": 1})
     log.log_checkpoint(tmp_path / "ckpt.pt", ["latest"])
     log.close()

@@ -1,5 +1,5 @@
 """dvp across hosts: every launcher, and the faults of a network, on hosts made of Linux namespaces
-(tests/netns.py: each host its own network stack, IP, hostname and /etc/hosts, joined by a bridge). Marked
+(tests/helpers/netns.py: each host its own network stack, IP, hostname and /etc/hosts, joined by a bridge). Marked
 `multinode` (root; CI runs the mark with -n 0).
 
 The reference is the one-process run with the same micro-batches: 2 ranks of 16 images at ZeRO 0 sum the same
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from clusters import wait_for
-from netns import Hosts
+from helpers.clusters import wait_for
+from helpers.netns import Hosts
 from test_distributed import COMMON, ROOT, _env, flat, ok, records, train, weights
 
 from dvp.train.checkpoint import load_checkpoint
@@ -178,9 +178,10 @@ def test_hosts_whose_names_resolve_to_another_network_still_join(reference: Path
 
 
 def paused(command: list[str], step: int) -> list[str]:
-    """`command` with tests/dist_points.py in place of `-m dvp.train`: rank 1 pauses before `step`."""
+    """`command` with tests/helpers/dist_points.py in place of `-m dvp.train`: rank 1 pauses before `step`."""
     at = command.index("dvp.train") - 1
-    return [*command[:at], str(ROOT / "tests" / "dist_points.py"), "pause", "1", str(step), *command[at + 2:]]
+    driver = str(ROOT / "tests" / "helpers" / "dist_points.py")
+    return [*command[:at], driver, "pause", "1", str(step), *command[at + 2:]]
 
 
 def wait_for_mark(mark: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -209,7 +210,7 @@ def watch(procs: list[subprocess.Popen], logs: list[Path], lines: list[str], tim
 
 
 def test_a_cut_link_stops_the_survivor_naming_the_lost_host_and_a_relaunch_resumes(tmp_path: Path) -> None:
-    """Rank 1 pauses before step 5 (tests/dist_points.py `pause`) while rank 0 waits for it in that step's
+    """Rank 1 pauses before step 5 (tests/helpers/dist_points.py `pause`) while rank 0 waits for it in that step's
     all-reduce; then node1's cable is pulled. Rank 0 stops within dist.timeout_s + 15 s with one line naming
     rank 1 on node1; rank 1, cut off, names the rendezvous host; the torchrun agent on each host exits within
     10 s of its rank's line (measured 1.5 s: nothing in the static rendezvous's agent waits on the store once its

@@ -1,4 +1,4 @@
-"""Sweeps across hosts made of Linux namespaces (tests/netns.py): Ray with its head on one host and workers on
+"""Sweeps across hosts made of Linux namespaces (tests/helpers/netns.py): Ray with its head on one host and workers on
 others, started by Slurm's cluster/slurm/sweep.sbatch, by hand (`ray start`) and by Ray's cluster launcher over
 SSH (cluster/local.yaml), with token auth on, a cable cut under a running trial, and the sweep's storage on a
 shared folder or on an S3 server (moto) on host 0. Marked `multinode` (root; CI runs the mark with -n 0)."""
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clusters import wait_for
-from netns import Hosts
+from helpers.clusters import wait_for
+from helpers.netns import Hosts
 from test_distributed import _env
 
 from dvp.train.logger import read_metrics

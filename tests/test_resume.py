@@ -2,7 +2,7 @@
 weights (bitwise), best checkpoint, patience counter and metrics records; a signal ends any command in seconds.
 
 Every run here is a real `dvp-train` process on the bundled digits (20 steps per epoch at batch 64); the kills
-are real SIGKILLs at chosen points (tests/kill_points.py)."""
+are real SIGKILLs at chosen points (tests/helpers/kill_points.py)."""
 from __future__ import annotations
 
 import json
@@ -25,9 +25,9 @@ TIMING = {"time", "images_per_s", "sample_seconds_per_image", "checkpoint"}
 
 
 def _train(run_dir: Path, *extra: str, kill: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
-    """`dvp-train` in a subprocess (through tests/kill_points.py when `kill` is given)."""
+    """`dvp-train` in a subprocess (through tests/helpers/kill_points.py when `kill` is given)."""
     args = [*RUN, f"run_dir={run_dir}", *extra]
-    cmd = ([sys.executable, str(HERE / "kill_points.py"), kill[0], str(kill[1]), *args] if kill
+    cmd = ([sys.executable, str(HERE / "helpers" / "kill_points.py"), kill[0], str(kill[1]), *args] if kill
            else [sys.executable, "-m", "dvp.train", *args])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=run_dir.parent, timeout=600)
 

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from clusters import wait_for
+from helpers.clusters import wait_for
+from helpers.wandb_records import history, records
 from PIL import Image
-from wandb_records import history, records
 
 from dvp.train.checkpoint import load_checkpoint
 from dvp.train.logger import read_metrics

@@ -1,7 +1,7 @@
 """Run `dvp-train` in this process (one rank of a torchrun / mpiexec job) with an event injected on one rank at
 one optimizer step (used by tests/test_distributed.py).
 
-    python tests/dist_points.py EVENT RANK STEP [dvp-train key=value ...]
+    python tests/helpers/dist_points.py EVENT RANK STEP [dvp-train key=value ...]
 
 EVENT, on rank RANK when optimizer step STEP (0-based) starts:
     kill    SIGKILL this rank (kill -9: nothing runs after it)

@@ -96,7 +96,7 @@ Wrap = Callable[[int, list[str]], list[str]]
 class Slurm:
     """A Slurm cluster under `base` (AuthInfo cred_expire=10 shortens the requeue hold): by default one node, this
     machine on 127.0.0.1; else `nodes` = [(name, address), ...], a slurmd per node started through `wrap` (on
-    the hosts of tests/netns.py), slurmctld and every client command on node 0. One munged serves them all
+    the hosts of tests/helpers/netns.py), slurmctld and every client command on node 0. One munged serves them all
     through its socket file."""
 
     def __init__(self, base: Path, nodes: list[tuple[str, str]] | None = None, wrap: Wrap | None = None) -> None:
@@ -221,7 +221,7 @@ SetEnv HOME={home}
 class Sshd:
     """A private sshd on `listen`:`port` (127.0.0.1 and a free port unless given) that lets in the key `key` as
     this user, with HOME=`home`. `wrap` turns the daemon's command into the one that starts it (on a host of
-    tests/netns.py: `lambda cmd: hosts.command(i, cmd)`)."""
+    tests/helpers/netns.py: `lambda cmd: hosts.command(i, cmd)`)."""
 
     def __init__(self, base: Path, home: Path, listen: str = "127.0.0.1", port: int | None = None,
                  wrap: Callable[[list[str]], list[str]] = list) -> None:

@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from clusters import Slurm, Sshd
+from helpers.clusters import Slurm, Sshd
 
 NETNS_ETC = Path("/etc/netns")
 ENTER = ('hostname "$0" && mount --bind "$1" /etc/hosts && { [ -z "$DVP_HOST_TMP" ] || mount --bind "$DVP_HOST_TMP" '

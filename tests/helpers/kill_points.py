@@ -1,6 +1,6 @@
 """Run `dvp-train` in this process and SIGKILL it at a chosen point (used by tests/test_resume.py).
 
-    python tests/kill_points.py POINT N [dvp-train key=value ...]
+    python tests/helpers/kill_points.py POINT N [dvp-train key=value ...]
 
 POINT is where the N-th (1-based) event kills the process with SIGKILL (kill -9, nothing runs after it):
     step        inside the N-th optimizer step, after the backward pass, before the weights change
