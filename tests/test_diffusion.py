@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from dvp.dist.noise import Noise
 from dvp.model.diffusion import DiffusionPrior, LinearLogSNRSchedule, alpha_sigma
 from dvp.model.unet import UNet
 
@@ -34,7 +35,7 @@ class GaussianOptimalDenoiser(nn.Module):
         super().__init__()
         self.schedule = schedule
 
-    def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
+    def forward(self, z_t: Tensor, t: Tensor, noise: Noise | None = None, inner: int = 1) -> Tensor:  # the UNet's
         return alpha_sigma(self.schedule(t))[1].view(-1, 1, 1, 1) * z_t
 
 
@@ -232,3 +233,21 @@ def test_bf16_autocast_matches_fp32() -> None:
         assert low.dtype == torch.float32
         assert torch.allclose(low, ref, rtol=3e-2, atol=0.5)
         assert not torch.equal(low, ref)  # the UNet did run in bf16
+
+
+@pytest.mark.parametrize("quadrature", [False, True])
+def test_unet_dropout_masks_are_global_noise(quadrature: bool) -> None:
+    """With dropout on (the omniglot recipe's 0.05; 0.3 here), the per-example loss of a global batch of 8 is the
+    same computed whole or as two halves, each half with its rows of the global noise (as two ranks or two
+    micro-batches compute it): the masks belong to the sample, not to the split. Dropout from the process's RNG
+    would give each half other masks."""
+    torch.manual_seed(0)
+    prior = DiffusionPrior((2, 4, 4), model_channels=16, num_res_blocks=1, dropout=0.3, T=5, gamma_min=-6.0,
+                           gamma_max=7.0)
+    randomise(prior.unet).train()
+    u = torch.randn(8, 2, 4, 4)
+    whole = prior.loss(u, quadrature, noise=Noise(7, 8, 0, 8))
+    halves = torch.cat([prior.loss(u[lo:lo + 4], quadrature, noise=Noise(7, 8, lo, lo + 4)) for lo in (0, 4)])
+    assert torch.allclose(whole, halves, rtol=1e-5, atol=1e-6), (whole, halves)
+    prior.eval()
+    assert not torch.equal(prior.loss(u, quadrature, noise=Noise(7, 8, 0, 8)), whole)   # the masks did act

@@ -101,17 +101,19 @@ class DiffusionPrior(nn.Module):
         d = u[0].numel()
         return (0.5 * d * (math.log(2 * math.pi) + gamma_0 + 1.0)).expand(u.shape[0])
 
-    def diffusion_loss(self, u: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    def diffusion_loss(self, u: Tensor, t: Tensor, eps: Tensor, noise: Noise | None = None,
+                       inner: int = 1) -> Tensor:
         """The L_inf integrand 1/2 gamma'(t) ||eps - eps_hat(z_t, t)||^2 with z_t = alpha_t u + sigma_t eps.
 
         u, eps: [B, C, k, k]; t: [B]. The UNet runs under any active autocast; eps_hat is cast to float32
-        before the squared error. Returns [B] in float32.
+        before the squared error; `noise` (`inner` rows per example) draws the UNet's dropout masks. Returns [B]
+        in float32.
         """
         u, eps = u.float(), eps.float()
         gamma_t = self.schedule(t)
         alpha_t, sigma_t = (a.view(-1, 1, 1, 1) for a in alpha_sigma(gamma_t))
         z_t = alpha_t * u + sigma_t * eps
-        eps_hat = self.unet(z_t, t).float()
+        eps_hat = self.unet(z_t, t, noise, inner).float()
         return 0.5 * self.schedule.derivative(t) * per_example((eps - eps_hat).pow(2))
 
     def quadrature_loss(self, u: Tensor, noise: Noise | None = None) -> Tensor:
@@ -125,7 +127,7 @@ class DiffusionPrior(nn.Module):
         u_rep = u.float().repeat_interleave(self.T, dim=0)  # row b*T + j holds example b at t_grid[j]
         t_rep = t_grid.repeat(b)
         eps = randn_like(u_rep, noise, inner=self.T)
-        return self.diffusion_loss(u_rep, t_rep, eps).view(b, self.T).mean(1)
+        return self.diffusion_loss(u_rep, t_rep, eps, noise, self.T).view(b, self.T).mean(1)
 
     def loss(self, u: Tensor, quadrature: bool = False, noise: Noise | None = None) -> Tensor:
         """L_0 + L_inf + L_T in nats per example ([B], float32), an upper bound on -log p(u) in expectation.
@@ -138,7 +140,7 @@ class DiffusionPrior(nn.Module):
             l_inf = self.quadrature_loss(u, noise)
         else:
             t = rand_like(u[:, 0, 0, 0], noise)
-            l_inf = self.diffusion_loss(u, t, randn_like(u, noise))
+            l_inf = self.diffusion_loss(u, t, randn_like(u, noise), noise)
         return l_0 + l_inf + self.prior_loss(u)
 
     def log_prob(self, u: Tensor, quadrature: bool = False, noise: Noise | None = None) -> Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dvp.dist.noise import Noise
 from dvp.model.blocks import Float32Conv2d
 
 
@@ -50,6 +51,25 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 1e4) -> Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+class Dropout(nn.Module):
+    """Dropout whose mask is global noise: h * m / (1 - p), m = [r >= p], r ~ U(0, 1) from `noise` (a function of
+    the global sample index, like every other draw), so the same rows get the same masks whatever the world size
+    or micro-batching. Identity in eval mode or when p = 0 (then nothing is drawn); with noise None, the default
+    RNG's mask (torch's dropout)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, h: Tensor, noise: Noise | None = None, inner: int = 1) -> Tensor:
+        if not self.training or self.p == 0:
+            return h
+        if noise is None:
+            return F.dropout(h, self.p, training=True)
+        keep = noise.rand_like(h, inner) >= self.p
+        return h * keep / (1 - self.p)
+
+
 class ResBlock(nn.Module):
     """Time-conditioned residual block with scale-shift norm (use_scale_shift_norm):
 
@@ -66,15 +86,16 @@ class ResBlock(nn.Module):
                                        nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
         self.out_norm = GroupNorm(num_groups, out_channels)
-        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(nn.SiLU(), Dropout(dropout),
                                         zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip = (nn.Identity() if in_channels == out_channels
                      else nn.Conv2d(in_channels, out_channels, 1))
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, noise: Noise | None = None, inner: int = 1) -> Tensor:
         h = self.in_layers(x)
         scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.out_layers(self.out_norm(h) * (1 + scale) + shift)
+        silu, dropout, conv = self.out_layers
+        h = conv(dropout(silu(self.out_norm(h) * (1 + scale) + shift), noise, inner))
         return self.skip(x) + h
 
 
@@ -120,14 +141,15 @@ class UNet(nn.Module):
         self.out = nn.Sequential(GroupNorm(num_groups, mc), nn.SiLU(),
                                  zero_init(Float32Conv2d(mc, in_channels, 3, padding=1)))   # eps_hat in fp32
 
-    def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
+    def forward(self, z_t: Tensor, t: Tensor, noise: Noise | None = None, inner: int = 1) -> Tensor:
+        """`noise` (rows laid out with `inner` points per example, see dvp.core.noise) draws the dropout masks."""
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
         h = self.input_conv(z_t)
         skips = [h]
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb, noise, inner)
             skips.append(h)
-        h = self.middle_out(self.middle_attn(self.middle_in(h, emb)), emb)
+        h = self.middle_out(self.middle_attn(self.middle_in(h, emb, noise, inner)), emb, noise, inner)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, noise, inner)
         return self.out(h)
