@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dvp.dist.noise import Noise
+from dvp.core.noise import Noise
 from dvp.model.diffusion import DiffusionPrior, LinearLogSNRSchedule, alpha_sigma
 from dvp.model.unet import UNet
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvp.dist.noise import Noise
+from dvp.core.noise import Noise
 from dvp.model.blocks import Float32Conv2d
 
 
