@@ -7,8 +7,9 @@
 # ALLCONV_TREE=DIR, a checkout of commit 3f688bf (every convolution in bf16, before `blocks.Float32Conv2d`;
 # `git worktree add DIR 3f688bf`), the variant bf16_allconv runs that code on the fast path too.
 # About 20 min per fp32 run and 13 per bf16 run, so ~45 min for two seeds of three variants on 2 cores.
-# RUNS and STEPS (default 330) pass on to quality_330.sh: a quick check is STEPS=1, SEEDS="1" and a DATA_ROOT whose
-# mnist.npz has 5,500 training images (5,000 of them validation) and a few test images.
+# RUNS and STEPS (default 330) pass on to quality_330.sh; COMPILE=false runs the bf16 variants eager. A quick check
+# is STEPS=1, SEEDS="1", COMPILE=false and a DATA_ROOT whose mnist.npz has 5,500 training images (5,000 of them
+# validation) and a few test images.
 set -euo pipefail
 root=$(realpath "${1:?give the directory holding mnist.npz}")
 out=${2:-benchmarks/results/quality_330_seeds}
@@ -16,7 +17,7 @@ seeds=${3:-1 2}
 here=$(dirname "$0")
 variants="fp32 bf16${ALLCONV_TREE:+ bf16_allconv}"
 run_one() {   # run_one VARIANT SEED
-  local keys="train.precision=bf16 train.channels_last=true train.compile=true"
+  local keys="train.precision=bf16 train.channels_last=true train.compile=${COMPILE:-true}"
   [ "$1" = fp32 ] && keys="train.precision=fp32 train.channels_last=false train.compile=false"
   if [ "$1" = bf16_allconv ]; then export PYTHONPATH=$ALLCONV_TREE; fi
   # shellcheck disable=SC2086
@@ -24,7 +25,7 @@ run_one() {   # run_one VARIANT SEED
     > "$out/$1_seed$2.log" 2>&1 && echo "done: $1 seed $2"
 }
 export -f run_one
-export root out here ALLCONV_TREE
+export root out here ALLCONV_TREE COMPILE
 mkdir -p "$out"
 for s in $seeds; do for v in $variants; do echo "$v $s"; done; done | xargs -P 2 -L 1 bash -c 'run_one "$0" "$1"'
 python "$here/summarise_quality.py" "$out"
