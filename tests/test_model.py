@@ -315,8 +315,8 @@ def test_float32_entry_conv_keeps_the_gradient_of_offset_channels() -> None:
 
 
 def test_omega_past_its_clamp_follows_gradients_back_inside_as_the_authors_in_place_clamp() -> None:
-    """omega (log-variance of q(u|x)) clamped to [-12, -5] (docs/model.md §2, eq. (7), in place in the authors' code): an Adamax
-    step can carry the parameter past -5; the forward still uses -5, and a gradient whose descent lowers omega
+    """omega (log-variance of q(u|x)) clamped to [-12, -5] (docs/model.md §2, eq. (7); in place in the authors' code):
+    an Adamax step can carry the parameter past -5; the forward still uses -5, and a gradient whose descent lowers omega
     must reach it (a plain functional clamp gives 0 there, so omega stuck for good), one that would raise it must
     not. Frozen (model.freeze_u) it gets no gradient at all."""
     cfg = compose(["experiment=digits/dvp_vae"])
