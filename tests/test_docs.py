@@ -240,7 +240,8 @@ def test_references_to_docs_model_md_name_its_sections_and_equations() -> None:
     files = [*(ROOT / "dvp").rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / p for p in pages())]
     bad = []
     for path in files:
-        for ref in re.findall(r"docs/model\.md (§[^a-z\n]*(?:eqs?\. [()\d, -]*)?)", path.read_text()):
+        for ref in re.findall(r"docs/model\.md(?:\]\(model\.md\))? (§[^a-z\n]*(?:eqs?\. [()\d, -]*)?)",
+                              path.read_text()):
             bad += [f"{path.relative_to(ROOT)}: §{n}" for n in re.findall(r"§(\d+)", ref) if n not in sections]
             bad += [f"{path.relative_to(ROOT)}: ({n})" for n in re.findall(r"\((\d+)\)", ref) if n not in equations]
     assert len(sections) >= 8 and len(equations) >= 29 and not bad, bad
