@@ -1,4 +1,4 @@
-"""`python -m dvp.info ...`: the dvp-info command (dvp.cli.info), kept under the name the README documents."""
+"""`python -m dvp.info ...`: the dvp-info command (dvp.cli.info), kept under the name docs/training.md documents."""
 import sys
 
 from dvp.cli.info import main

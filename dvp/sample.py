@@ -1,4 +1,4 @@
-"""`python -m dvp.sample ...`: the dvp-sample command (dvp.cli.sample), kept under the name the README documents."""
+"""`python -m dvp.sample ...`: the dvp-sample command (dvp.cli.sample), under the name docs/training.md documents."""
 import sys
 
 from dvp.cli.sample import main

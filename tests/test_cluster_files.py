@@ -1,6 +1,6 @@
 """The cluster launch files, checked without a cluster (the real runs are tests/test_clusters.py, marked
 cluster): both Ray cluster launcher YAMLs pass Ray's own validation and ship what exists, the head of each gives
-the trials' drivers their `dvp_driver` resource, the sbatch scripts are valid bash with the options the README
+the trials' drivers their `dvp_driver` resource, the sbatch scripts are valid bash with the options docs/clusters.md
 describes, and `python -m dvp.tune.ray_stop` ends one Ray instance's processes and spares the others."""
 from __future__ import annotations
 

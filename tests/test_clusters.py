@@ -5,7 +5,7 @@ a single-node Slurm (munged, slurmctld, slurmd) running cluster/slurm/train.sbat
 
 sweep.sbatch (with its USR1 requeue) and Ray's cluster launcher with cluster/local.yaml (`ray up` / `ray submit` /
 `ray down` over SSH) run across hosts in tests/test_multinode_ray.py. What one machine
-cannot show (GPUs, a cloud provider's API, a real network) is listed in the README's "Clusters"."""
+cannot show (GPUs, a cloud provider's API, a real network) is listed in docs/clusters.md."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Tests of the diffusion prior p_theta(u) (dvp.diffusion) and its UNet denoiser (dvp.unet), spec §1.3."""
+"""The diffusion prior p_theta(u) (dvp.model.diffusion) and its UNet denoiser (dvp.model.unet): docs/model.md §3."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""dvp.launch: every launcher's environment -> LaunchEnv, bad environments as one-line ConfigErrors, the Slurm
+"""dvp.parallel.launch: every launcher's environment -> LaunchEnv, bad environments as one-line ConfigErrors, the Slurm
 host-list parser, and init for real: world size 1 without torch.distributed, 2 processes on gloo (torchrun
 and Open MPI variables), and a rendezvous that never completes failing within its timeout."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The launchers' own arguments: the `--local_rank=N` that the deepspeed launcher puts before dvp's arguments is
-accepted and checked against the environment (pure logic, in-process), and the README's `deepspeed --module
-dvp.train` command trains on 2 CPU processes with the real launcher (marked `distributed`)."""
+accepted and checked against the environment (pure logic, in-process), and docs/distributed.md's `deepspeed
+--module dvp.train` command trains on 2 CPU processes with the real launcher (marked `distributed`)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.docs import documented_command
 from test_distributed import COMMON, ROOT, _env, _port, flat, ok, train, weights
 
 import dvp.cli.eval
@@ -59,17 +60,18 @@ def test_dvp_eval_accepts_the_local_rank_argument(tmp_path: Path, capsys: pytest
 
 @pytest.mark.distributed
 def test_the_deepspeed_launcher_trains_two_cpu_processes_like_one(tmp_path: Path) -> None:
-    """README's `deepspeed --num_gpus N --module dvp.train ...` with the real launcher: on a CPU host
-    (DS_ACCELERATOR=cpu, set for the whole suite by conftest) `--num_gpus 2` starts 2 processes, each given
+    """docs/distributed.md's `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module dvp.train ...` with the real
+    launcher (a free master port added): on a CPU host `--num_gpus 2` starts 2 processes, each given
     `--local_rank=N` first. 2 ranks of micro-batch 16 at ZeRO 0 end bitwise where one process with the same
     micro-batches ends (tests/test_distributed.py)."""
     args = [*COMMON, "train.max_steps=3", "dist.zero_stage=0", "dist.micro_batch=16"]
     reference, run = tmp_path / "single16", tmp_path / "deepspeed"
     ok(train(1, reference, *args[len(COMMON):]))
-    res = ok(subprocess.run(
-        [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), "--module", "dvp.train", *args,
-         f"run_dir={run}"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300))
+    command = documented_command("docs/distributed.md", "DS_ACCELERATOR=cpu deepspeed --num_gpus 2", {
+        "DS_ACCELERATOR=cpu": [], "deepspeed": [DEEPSPEED, "--master_port", str(_port())],
+        "...": [*args, f"run_dir={run}"]})
+    res = ok(subprocess.run(command, cwd=ROOT, env={**_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True,
+                            text=True, timeout=300))
     out = res.stdout + res.stderr
     assert "'--local_rank=0'" in out and "'--local_rank=1'" in out, out[-3000:]     # the launcher's spawn lines
     assert "DeepSpeedEngine x 2 (micro-batch 16, accumulation 1)" in out, out[-3000:]

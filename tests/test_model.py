@@ -12,7 +12,7 @@ from dvp.model.objectives import active_units, elbo_stats, importance_sampled_nl
 from dvp.model.pseudo_input import PseudoInput, dct_matrix
 from dvp.model.vae import HierarchicalVAE, build_model, gaussian_kl, gaussian_log_prob, parameter_counts
 
-# The spec's counts of the authors' released configs (spec §2), which the issue asks to match within 2%. Ours are
+# The counts of the authors' released configs (docs/model.md §8), which the issue asks to match within 2%. Ours are
 # these minus the last layer's unused z_up conv (latent_width*num_ch + num_ch parameters), which nothing reads.
 SPEC_COUNTS = {"mnist/dvp_vae": 648_579, "omniglot/dvp_vae": 1_298_563, "cifar10/dvp_vae": 19_478_162,
                "mnist/ladder": 600_673, "omniglot/ladder": 1_058_425}
@@ -25,7 +25,7 @@ def test_parameter_counts_match_the_released_configs(experiment: str) -> None:
     unused_z_up = cfg.model.latent_width * cfg.model.num_ch + cfg.model.num_ch
     assert counts["total"] == SPEC_COUNTS[experiment] - unused_z_up
     assert abs(counts["total"] / SPEC_COUNTS[experiment] - 1) < 0.02
-    if experiment == "mnist/dvp_vae":                       # and per module (spec §2 table)
+    if experiment == "mnist/dvp_vae":                       # and per module (docs/model.md §8)
         assert (counts["encoder"], counts["decoder"], counts["prior_u"]) == (123_712, 477_538 - 64, 47_329)
 
 
@@ -166,7 +166,7 @@ def test_authors_analytic_kl_weight_differs_from_the_valid_estimator() -> None:
     with torch.no_grad():
         exact = -_exact_log_px(model, x)
         analytic = importance_sampled_nll(model, x * 2 - 1, x, k=20_000, chunk=5_000, weight="analytic_kl")
-    assert (exact - analytic).abs().item() > 0.05  # not a valid estimate of -log p(x) (spec §4.1)
+    assert (exact - analytic).abs().item() > 0.05  # not a valid estimate of -log p(x) (docs/model.md §7)
 
 
 # ---- every experiment builds and trains; bf16 agrees with fp32 --------------------------------------------------
@@ -315,8 +315,8 @@ def test_float32_entry_conv_keeps_the_gradient_of_offset_channels() -> None:
 
 
 def test_omega_past_its_clamp_follows_gradients_back_inside_as_the_authors_in_place_clamp() -> None:
-    """omega (log-variance of q(u|x)) clamped to [-12, -5] (spec §1.6, in place in the authors' code): an Adamax
-    step can carry the parameter past -5; the forward still uses -5, and a gradient whose descent lowers omega
+    """omega (log-variance of q(u|x)) clamped to [-12, -5] (docs/model.md §2, eq. (7); in place in the authors' code):
+    an Adamax step can carry the parameter past -5; the forward still uses -5, and a gradient whose descent lowers omega
     must reach it (a plain functional clamp gives 0 there, so omega stuck for good), one that would raise it must
     not. Frozen (model.freeze_u) it gets no gradient at all."""
     cfg = compose(["experiment=digits/dvp_vae"])

@@ -9,7 +9,6 @@ gradients as one process of micro-batch 16 in the same order, so the weights are
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.clusters import wait_for
+from helpers.docs import documented_command
 from helpers.netns import Hosts
 from test_distributed import COMMON, ROOT, _env, flat, ok, records, train, weights
 
@@ -42,31 +42,22 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def readme_command(start: str, fill: dict[str, list[str]]) -> list[str]:
-    """The README's command across hosts that begins with `start` (with its `\\`-continued lines), as words, each
-    word that is a key of `fill` replaced by its words: the tests run what the README says, so that it cannot rot."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    lines = [line for line in text.splitlines() if line.startswith(start + " ")]
-    assert len(lines) == 1, f"README.md should hold one command that starts with {start!r}, not {lines}"
-    return [out for word in shlex.split(lines[0]) for out in fill.get(word, [word])]
-
-
 def torchrun(hosts: Hosts, node: int, run_dir: Path, *args: str) -> list[str]:
-    """The README's torchrun command for host `node` of the 2-host job (node0:29500 the rendezvous), one process
-    per host (torchrun as `python -m torch.distributed.run`, what its script runs)."""
+    """docs/distributed.md's torchrun command for host `node` of the 2-host job (node0:29500 the rendezvous), one
+    process per host (torchrun as `python -m torch.distributed.run`, what its script runs)."""
     assert hosts.names[0] == "node0" and PORT == 29500
-    return readme_command("torchrun --nnodes", {
+    return documented_command("docs/distributed.md", "torchrun --nnodes", {
         "torchrun": [sys.executable, "-m", "torch.distributed.run"], "R": [str(node)], "G": ["1"],
         "run_dir=DIR": [f"run_dir={run_dir}"], "...": [*COMMON, *args]})
 
 
 def mpiexec(key: Path, run_dir: Path, *args: str, exports: tuple[str, ...] = ()) -> list[str]:
-    """The README's mpiexec command, run on node0 as root with the test's SSH key, the checkout as working
+    """docs/distributed.md's mpiexec command, run on node0 as root with the test's SSH key, the checkout as working
     directory, one thread per rank and the variables `exports` of mpiexec's environment passed on."""
     harness = ["--allow-run-as-root", "--mca", "plm_rsh_args", " ".join(["-i", str(key), *SSH]),
                "--wdir", str(ROOT), "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONUNBUFFERED=1"]
     harness += [word for name in exports for word in ("-x", name)]
-    return readme_command("mpiexec --host", {
+    return documented_command("docs/distributed.md", "mpiexec --host", {
         "mpiexec": ["mpiexec", *harness], "python": [sys.executable], "run_dir=DIR": [f"run_dir={run_dir}"],
         "...": [*COMMON, *args]})
 
@@ -247,8 +238,8 @@ def test_a_cut_link_stops_the_survivor_naming_the_lost_host_and_a_relaunch_resum
 
 
 def test_mpiexec_over_ssh_on_two_hosts_trains_the_one_process_model(reference: Path, tmp_path: Path) -> None:
-    """The README's mpiexec command, with Open MPI starting the rank on node1 over SSH (an sshd per host): ranks
-    from OMPI_COMM_WORLD_*, bitwise the one-process model."""
+    """docs/distributed.md's mpiexec command, with Open MPI starting the rank on node1 over SSH (an sshd per host):
+    ranks from OMPI_COMM_WORLD_*, bitwise the one-process model."""
     run = tmp_path / "run"
     with Hosts(tmp_path, 2) as hosts, hosts.sshd() as key:
         assert hosts.run(0, ["ssh", "-i", str(key), *SSH, "root@node1", "hostname"]).stdout.strip() == "node1"
@@ -260,8 +251,8 @@ def test_mpiexec_over_ssh_on_two_hosts_trains_the_one_process_model(reference: P
 
 
 def test_mpiexec_ends_the_job_within_45_s_of_a_pulled_cable(tmp_path: Path) -> None:
-    """The README's mpiexec command; rank 1 pauses before step 1 while rank 0 waits for it, and node1's cable is
-    pulled. Open MPI's keepalive options (probes after 10 s idle, 3 every 5 s) make mpiexec declare node1's daemon
+    """docs/distributed.md's mpiexec command; rank 1 pauses before step 1 while rank 0 waits for it, and node1's cable
+    is pulled. Open MPI's keepalive options (probes after 10 s idle, 3 every 5 s) make mpiexec declare node1's daemon
     lost and end the job within 45 s (measured 27 s; without them it waited until the link came back), with its
     message naming node1, long before dist.timeout_s=120 would let rank 0 give up."""
     run, mark, log = tmp_path / "run", tmp_path / "paused", tmp_path / "mpiexec.log"

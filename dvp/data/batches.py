@@ -30,7 +30,7 @@ def model_inputs(x: torch.Tensor, binarize: bool, encoder_sees: str = "grey",
     """(what the encoder and the pseudo-input see, what the likelihood models) for a batch in [-1, 1].
 
     With `binarize`, the target is a fresh x_bin ~ Bernoulli((x+1)/2) and the encoder sees the grey levels
-    (`encoder_sees="grey"`, the paper's choice, spec §1.6) or x_bin mapped to {-1, 1} (`"binary"`).
+    (`encoder_sees="grey"`, the paper's choice, docs/model.md §6, eq. (24)) or x_bin mapped to {-1, 1} (`"binary"`).
     """
     if not binarize:
         return x, x

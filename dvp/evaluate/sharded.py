@@ -33,7 +33,7 @@ from dvp.parallel.context import DistContext
 def evaluate_elbo(model: HierarchicalVAE, x_all: torch.Tensor, cfg: DictConfig, ctx: DistContext | None = None,
                   seed: int = 0, stream: str = "val", quadrature: bool = False) -> dict[str, float]:
     """Mean -ELBO terms over a split (global batches of train.eval_batch_size) and active units averaged over
-    batches (spec §1.8), with `eval.precision` autocast whatever the training precision.
+    batches (docs/model.md §7, eq. (27)), with `eval.precision` autocast whatever the training precision.
 
     Sharded: each rank of `ctx` evaluates its rows of every batch; the draws of a batch come from
     `Noise(noise_seed(seed, stream, batch))` at the global rows, the sums over the split and the active-unit

@@ -1,4 +1,4 @@
-"""Convolutional building blocks of the encoder and the top-down decoder (spec §2). SiLU throughout."""
+"""Convolutional building blocks of the encoder and the top-down decoder (docs/model.md §4). SiLU throughout."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The diffusion prior p_theta(u) over the pseudo-input u (spec §1.3).
+"""The diffusion prior p_theta(u) over the pseudo-input u (docs/model.md §3, eqs. (8)-(14)).
 
 A continuous-time, variance-preserving VDM (Kingma et al. 2021) with epsilon-prediction:
 

@@ -1,4 +1,4 @@
-"""Observation models p(x | z) (spec §1.5). Log-likelihoods are summed per example and computed in float32.
+"""Observation models p(x | z) (docs/model.md §5, eqs. (19)-(20)), log-likelihoods summed per example in float32.
 
 - Bernoulli over binarised pixels, p = sigmoid(logits) clamped to [1e-7, 1 - 1e-7] (done on the logits):
       log p(x|z) = sum_i x_i log p_i + (1 - x_i) log(1 - p_i).

@@ -1,4 +1,4 @@
-"""Objectives and estimators on top of the model's per-example terms (spec §1.6, §1.8, §4.1).
+"""Objectives and estimators on top of the model's per-example terms (docs/model.md §6-§7, eqs. (21)-(27)).
 
     -ELBO(x)  = -log p(x|z) + sum_l KL(q(z_l|.) || p(z_l|.)) + [log q(u|x) - log p(u)]        (nats)
     bits/dim  = -ELBO / (D ln 2),  D = C H W

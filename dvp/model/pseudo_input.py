@@ -1,4 +1,4 @@
-"""The pseudo-input u(x): a fixed, non-trainable low-dimensional transform of the image (spec §1.2).
+"""The pseudo-input u(x): a fixed, non-trainable low-dimensional transform of the image (docs/model.md §2, (4)-(7)).
 
 DCT (the paper's choice). Orthonormal 2-D DCT-II of each channel of x' = (x+1)/2 in [0,1]:
 

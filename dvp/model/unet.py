@@ -1,4 +1,4 @@
-"""The epsilon-prediction denoiser of the diffusion prior (spec §1.3): a single-level, guided-diffusion-style
+"""The epsilon-prediction denoiser of the diffusion prior (docs/model.md §3): a single-level, guided-diffusion-style
 UNet.
 
 It works at the pseudo-input resolution k x k, so there is one level (channel_mult = [1]) and no

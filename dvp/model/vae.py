@@ -1,4 +1,4 @@
-"""The hierarchical VAE: DVP-VAE, its Ladder baseline and the classic VampPrior, one code path (spec §1, §2).
+"""The hierarchical VAE: DVP-VAE, its Ladder baseline and the classic VampPrior, one code path (docs/model.md §1-§4).
 
 Generative model (dvp_vae):  p(x, z, u) = p(u) prod_l p(z_l | z_{>l}, u) p(x | z_1..z_L)
 Variational family:         q(u, z | x) = q(u | x) prod_l q(z_l | z_{>l}, x)
@@ -6,7 +6,7 @@ with u a pseudo-input (truncated DCT of x, `pseudo_input.py`), p(u) a diffusion 
 q(u|x) = N(u~(x), diag(exp(omega))). `ladder` drops u; `vampprior` drops u and uses
 p(z_L) = 1/K sum_k q(z_L | u_k) with K learnable pseudo-images u_k (Tomczak & Welling 2018).
 
-Top-down pass, for each latent l from the top (spec §1.5), with s the top-down state (ones at the top):
+Top-down pass, for each latent l from the top (docs/model.md §4, (15)-(18)), with s the top-down state (ones at top):
     c_l = AvgPool(to_image(u))                          context at this latent's resolution (dvp_vae)
     [mu_p, logvar_p, h] = ResBlock_p([s, c_l])            prior p(z_l | z_{>l}, u)
     [mu_q, logvar_q]    = ResBlock_q((e_l + s) / sqrt 2)  posterior q(z_l | z_{>l}, x), e_l from the encoder
@@ -18,7 +18,7 @@ Under bf16 autocast the convolutions that read a residual stream or output mu, l
 `forward` returns every per-example term in float32: reconstruction, per-layer KL (analytic Gaussian KL;
 a one-sample estimate for the VampPrior mixture), the u term log q(u|x) - log p(u) and the importance weight
     log w = log p(x|z) + sum_l [log p(z_l|.) - log q(z_l|.)] + log p(u) - log q(u|x)
-evaluated at the sampled z and u (the correct IWAE weight, spec §4.1).
+evaluated at the sampled z and u (the correct IWAE weight, docs/model.md §7, eq. (25)).
 """
 from __future__ import annotations
 
@@ -115,8 +115,8 @@ class Encoder(nn.Module):
 class LatentLayer(nn.Module):
     """One latent z_l of the top-down ladder: prior head, posterior head, z_up and the state ResNet.
 
-    The last layer's ResNet is the identity (spec §1.5); under latent aggregation nothing reads the state after the
-    last latent, so that layer has no z_up either (the authors' code keeps an unused one: 64 parameters on MNIST).
+    The last layer's ResNet is the identity (docs/model.md §4); under latent aggregation nothing reads the state after
+    the last latent, so that layer has no z_up either (the authors' code keeps an unused one: 64 parameters on MNIST).
     """
 
     def __init__(self, num_ch: int, hid: int, zc: int, ctx_ch: int, prior_stats: bool, last: bool,

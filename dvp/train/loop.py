@@ -1,9 +1,9 @@
 """The training loop: epochs of engine steps, the LR schedule, validation, checkpoints, early stopping.
 
     run_dir = train(compose(["experiment=mnist/dvp_vae", "data.root=../shared/data"]))          # one process
-    run_dir = train(cfg, overrides, ctx)         # every rank of a launch (ctx = dvp.launch.init(detect(environ)))
+    run_dir = train(cfg, overrides, ctx)   # every rank of a launch (ctx = dvp.parallel.context.init(detect(environ)))
 
-Recipe (spec §3): per-epoch LR, linear warm-up lr = base (e+1)/W for e < W, then cosine
+Recipe (docs/model.md §8, eq. (28)): per-epoch LR, linear warm-up lr = base (e+1)/W for e < W, then cosine
 lr(e) = lr_min + (base - lr_min) (1 + cos(pi e / lr_epochs)) / 2; validation of the EMA model every epoch
 (-ELBO in bits/dim with the one-sample diffusion term, fixed noise); `checkpoints/best.pt` when it improves,
 `checkpoints/last.pt` every epoch, every `ckpt_every` steps, at a budget stop and on Ctrl-C / SIGTERM / SIGUSR1;

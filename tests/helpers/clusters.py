@@ -1,8 +1,8 @@
-"""Real cluster daemons for the tests marked `cluster`, on this one machine (recipes of
-../shared/docs/cluster-testing.md): a single-node Slurm (munged, slurmctld, slurmd from Debian's slurm-wlm and
-munge) and a private sshd on 127.0.0.1 for Ray's cluster launcher (`local` provider). Each binds to 127.0.0.1 on
-free ports, keeps every file under its own folder, and is stopped by the PIDs it started (never by name); every
-wait is bounded. Needs root (the daemons run as root, munged as the munge user), as in CI.
+"""Real cluster daemons for the tests marked `cluster`, on this one machine: a single-node Slurm (munged, slurmctld,
+slurmd from Debian's slurm-wlm and munge) and a private sshd on 127.0.0.1 for Ray's cluster launcher (`local`
+provider). Each binds to 127.0.0.1 on free ports, keeps every file under its own folder, and is stopped by the PIDs
+it started (never by name); every wait is bounded. Needs root (the daemons run as root, munged as the munge user),
+as in CI.
 
     with Slurm(base) as slurm:                   # SLURM_CONF in slurm.env; sbatch/squeue through slurm.run
         job = slurm.sbatch(["cluster/slurm/train.sbatch", ...])
