@@ -72,7 +72,7 @@ COMMANDS: dict[str, Runs | Reads | CI | Here | Cannot] = {
     "pytest -m sweep -n 0": CI("mark -m sweep -n 0"),
     "pytest -m cluster -n 0": CI("mark -m cluster -n 0"),
     "pytest -m multinode -n 0": CI("mark -m multinode -n 0"),
-    "pytest -m slow --dist loadgroup": CI("mark -m slow --dist loadgroup"),
+    "pytest -m slow --dist load": CI("mark -m slow --dist load"),
     "DVP_TEST_GPU=1 pytest -m gpu -n 0 tests/test_gpu.py":
         Cannot("a CUDA GPU (CI has none): benchmarks/gpu_check.py runs it on a GPU machine"),
     # docs/training.md (and the README's main commands)
