@@ -3,6 +3,11 @@
     run_dir = train(compose(["experiment=mnist/dvp_vae", "data.root=../shared/data"]))          # one process
     run_dir = train(cfg, overrides, ctx)         # every rank of a launch (ctx = dvp.launch.init(detect(environ)))
 
+A run, as calls to its components: `Checkpointer.read_last` (last.pt, when resuming) and `resume_config`,
+`prepare` (data, model fitted to them), `Checkpointer.restore` (the engine, the batch position, the loop state),
+the `RunLogger`, then `_Run.fit`: per batch `Engine.step`, per epoch `_end_of_epoch` (validation, images, best.pt),
+`Checkpointer.save` of last.pt (every epoch, every ckpt_every steps, at a pause or a signal); `final_eval`.
+
 Recipe (spec §3): per-epoch LR, linear warm-up lr = base (e+1)/W for e < W, then cosine
 lr(e) = lr_min + (base - lr_min) (1 + cos(pi e / lr_epochs)) / 2; validation of the EMA model every epoch
 (-ELBO in bits/dim with the one-sample diffusion term, fixed noise); `checkpoints/best.pt` when it improves,
