@@ -91,7 +91,7 @@ def batches(train: torch.Tensor, n: int, seed: int, batch: int) -> list[torch.Te
 def model_for(cfg: Any, train: torch.Tensor) -> HierarchicalVAE:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, (1, 28, 28))
-    model.pseudo_input.fit_scale(train)
+    model.fit_to_data(train)
     return model
 
 

@@ -43,7 +43,7 @@ def _optimizer(skip: float = 0.0, clip: float = 5.0) -> tuple[AdamaxEMA, list[to
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
     opt = AdamaxEMA(params, lr=0.01, weight_decay=1e-6, clip=clip, skip=skip)
     opt.init_state()
-    opt.decay = 0.9
+    opt.param_groups[0]["ema_decay"] = 0.9
     return opt, params
 
 
@@ -67,10 +67,10 @@ def test_an_applied_step_is_torchs_clipped_adamax_with_the_ema() -> None:
     grads = [torch.randn_like(p) * 3 for p in params]
     for p, r, g in zip(params, ref, grads):
         p.grad, r.grad = g.clone(), g.clone()
-    opt.step()
-    assert isinstance(opt.applied, torch.Tensor) and bool(opt.applied)
+    outcome = opt.step()
+    assert isinstance(outcome.applied, torch.Tensor) and bool(outcome.applied)
     norm = torch.nn.utils.clip_grad_norm_(ref, 0.5)
-    assert float(opt.grad_norm) == pytest.approx(float(norm), rel=1e-6)
+    assert float(outcome.grad_norm) == pytest.approx(float(norm), rel=1e-6)
     torch.optim.Adamax(ref, lr=0.01, weight_decay=1e-6, eps=1e-8).step()
     for p, r in zip(params, ref):
         assert torch.allclose(p, r, rtol=1e-6, atol=1e-7)
@@ -89,14 +89,13 @@ def test_a_skipped_step_leaves_every_tensor_bitwise_unchanged(case: str) -> None
     for p in params:
         p.grad = torch.randn_like(p) * (100 if case == "above_skip" else 1)
     params[0].grad[1, 2] = {"nan": math.nan, "inf": math.inf, "above_skip": 1.0}[case]
-    opt.step()
-    assert isinstance(opt.applied, torch.Tensor) and not bool(opt.applied)
-    assert math.isfinite(float(opt.grad_norm)) == (case == "above_skip")
+    outcome = opt.step()
+    assert isinstance(outcome.applied, torch.Tensor) and not bool(outcome.applied)
+    assert math.isfinite(float(outcome.grad_norm)) == (case == "above_skip")
     assert all(torch.equal(a, b) for a, b in zip(before, _state(opt, params)))
     for p in params:                    # and the next finite step is applied as usual
         p.grad = torch.ones_like(p)
-    opt.step()
-    assert bool(opt.applied) and all(float(opt.state[p]["step"]) == 1 for p in params)
+    assert bool(opt.step().applied) and all(float(opt.state[p]["step"]) == 1 for p in params)
     assert all(torch.isfinite(t).all() for t in _state(opt, params))
 
 

@@ -180,6 +180,23 @@ def test_a_nan_step_is_skipped_counted_and_never_applied() -> None:
     assert stats["skipped"] == 0 and engine.consecutive_skips == 0 and engine.skipped_total == 1
 
 
+def test_the_torch_engine_has_no_native_checkpoint(tmp_path: Path) -> None:
+    """Engine.save_native / load_native are no-ops for the torch engine: it writes nothing, last.pt names no
+    native checkpoint, and loading one changes no weight."""
+    cfg = compose(SMALL)
+    data, model = prepare(cfg)
+    engine = TorchEngine(model, cfg, data.shape, init(detect({})))
+    assert engine.save_native(tmp_path / "deepspeed", "step0", {}) is False
+    assert not (tmp_path / "deepspeed").exists()
+    before = engine.full_weights("raw")
+    engine.load_native(tmp_path / "deepspeed", "step0")
+    assert all(torch.equal(before[k], v) for k, v in engine.full_weights("raw").items())
+    run = tmp_path / "run"
+    train(compose(SMALL + ["train.max_steps=2", f"run_dir={run}"]))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["native"] is None
+    assert not (run / "checkpoints" / "deepspeed").exists()
+
+
 def test_a_long_run_of_skipped_steps_stops_with_advice(tmp_path: Path) -> None:
     cfg = compose(SMALL + ["train.grad_skip=1e-9", "train.max_skips=3", f"run_dir={tmp_path}"])
     with pytest.raises(TrainingStopped, match="3 consecutive steps skipped.*train.lr"):

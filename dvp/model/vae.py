@@ -187,6 +187,12 @@ class HierarchicalVAE(nn.Module):
         if self.kind == "vampprior":
             self.pseudo_images = nn.Parameter(0.1 * torch.randn(cfg.num_pseudo, *image_shape))
 
+    def fit_to_data(self, x_train: Tensor) -> None:
+        """Fit what the model takes from the training images before training: the DCT normalisation of the
+        pseudo-input (dvp_vae, `PseudoInput.fit_scale`); nothing for the other kinds."""
+        if self.kind == "dvp_vae":
+            self.pseudo_input.fit_scale(x_train)
+
     # ---- pieces -------------------------------------------------------------------------------------------
     def omega(self) -> Tensor:
         """log-variance of q(u|x), clamped to [ctx_logvar_min, ctx_logvar_max] with gradients that may bring it

@@ -9,8 +9,13 @@
     engine.set_lr(lr)
     model = engine.eval_view("ema")    # full float32 weights (gathered where partitioned) in a separate module
     state = engine.full_state()        # model, ema, optimizer moments by parameter name, counters (collective)
+    engine.save_native(dir, tag, client_state); engine.load_native(dir, tag)   # the engine's own checkpoint
+                                       # (DeepSpeed's shards and each rank's RNG; the torch engine has none)
 
-The loop, evaluation and checkpoints use only this interface.
+The loop, evaluation and checkpoints use only this interface. A step (`Engine.step`, written once here): the EMA
+decay of the step into the optimizer's param groups, then each micro-batch's forward and backward (the engine's
+`_forward_backward`), then the engine's `_optimizer_step`, which returns what the optimizer did (`StepOutcome`:
+||g||, applied) instead of leaving it in attributes.
 
 World-size invariance: the global batch of B = train.batch_size images is split into contiguous rank slices
 (`noise.shard`) and each slice into micro-batches of `dist.micro_batch` images; every random draw of a
@@ -35,7 +40,9 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,7 +53,7 @@ from dvp.core.noise import Noise, noise_seed, shard
 from dvp.data.batches import model_inputs
 from dvp.model.precision import memory_format
 from dvp.parallel.context import DistContext
-from dvp.train.optim import AdamaxEMA
+from dvp.train.optim import AdamaxEMA, StepOutcome
 
 Votes = Callable[[], list[float]]
 """A rank's flags ('a signal arrived', 'out of time', ...) that `step` sums over the ranks with its statistics."""
@@ -132,8 +139,11 @@ def micro_batch(cfg: DictConfig, world_size: int) -> int:
     return cfg.dist.micro_batch or cfg.train.batch_size // world_size
 
 
-class Engine:
-    """What both engines share: micro-batches with global noise, the stats reduction, counters, the view."""
+class Engine(ABC):
+    """What both engines share: the step (micro-batches with global noise, the stats reduction, counters), the
+    view, the full state. An engine supplies the forward and backward of one micro-batch, the optimizer step,
+    the full (gathered) weights and optimizer state, and, where it has its own checkpoint format, `save_native`
+    and `load_native` (no-ops here)."""
 
     def __init__(self, model: nn.Module, cfg: DictConfig, image_shape: tuple[int, int, int],
                  ctx: DistContext) -> None:
@@ -148,6 +158,27 @@ class Engine:
         self.optimizer: AdamaxEMA
 
     # ---- one optimizer step -----------------------------------------------------------------------------------
+    def step(self, x: Tensor, step: int, votes: Votes | None = None) -> StepStats:
+        """One optimizer step on the global batch `x` (optimizer step number `step`): this rank's slice in
+        micro-batches, each forward and backward by the engine, then its optimizer step, which returns what it
+        did; returns at once the step's statistics on their way to the host (see the module docstring)."""
+        self._set_ema_decay()
+        sums: dict[str, Tensor] = {}
+        for x_enc, x_target, noise in self.micro_batches(x, step):
+            stats = self._forward_backward(x_enc, x_target, noise)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() * len(x_enc)
+        return self._after_step(sums, len(x), votes, self._optimizer_step())
+
+    @abstractmethod
+    def _forward_backward(self, x_enc: Tensor, x_target: Tensor, noise: Noise) -> dict[str, Tensor]:
+        """The ELBO statistics (`elbo_stats`) of one micro-batch, its gradient accumulated (loss / accumulation)."""
+
+    @abstractmethod
+    def _optimizer_step(self) -> StepOutcome:
+        """The optimizer step on the accumulated gradient, and what it did (`StepOutcome.not_reached` when the
+        fp16 loss scale skipped it), as device tensors."""
+
     def micro_batches(self, x: Tensor, step: int) -> Iterator[tuple[Tensor, Tensor, Noise]]:
         """(encoder input, target, noise) of this rank's micro-batches of global batch `x` at `step`."""
         rows = len(x)
@@ -164,14 +195,17 @@ class Engine:
             x_enc, x_target = model_inputs(x_mb, self.cfg.data.binarize, self.cfg.data.encoder_sees, noise)
             yield x_enc, x_target, noise
 
-    def _before_step(self) -> None:
+    def _set_ema_decay(self) -> None:
+        """The EMA decay of the next applied step, d = min(train.ema, (1 + n) / (10 + n)) with n - 1 steps applied
+        (train.ema_warmup) else train.ema, as the param groups' `ema_decay` (computed on the device)."""
         t = self.cfg.train
         n = self.counts[0] + 1                                          # on the device: no host read
-        self.optimizer.decay = torch.clamp((1 + n) / (10 + n), max=t.ema) if t.ema_warmup else t.ema
-        self.optimizer.applied = torch.zeros((), dtype=torch.bool, device=self.device)   # until step() says
-        self.optimizer.grad_norm = torch.full((), math.nan, device=self.device)
+        decay = torch.clamp((1 + n) / (10 + n), max=t.ema) if t.ema_warmup else t.ema
+        for group in self.optimizer.param_groups:
+            group["ema_decay"] = decay
 
-    def _after_step(self, sums: dict[str, Tensor], rows: int, votes: Votes | None) -> StepStats:
+    def _after_step(self, sums: dict[str, Tensor], rows: int, votes: Votes | None,
+                    outcome: StepOutcome) -> StepStats:
         """Global means of the micro-batch sums and the ranks' summed `votes()` in one all-reduce; the counters
         updated by the optimizer's decision a (consecutive skips: (c + 1)(1 - a)); all of it on its way to the
         host, not waited for."""
@@ -179,21 +213,16 @@ class Engine:
         local = torch.stack([sums[k].detach().float() for k in keys])
         mine = self._to_device(votes() if votes is not None else [])
         total = self.ctx.all_reduce_sum(torch.cat([local, mine]))
-        a = self.optimizer.applied.double()
+        a = outcome.applied.double()
         applied, skipped, in_a_row = self.counts.unbind()
         self.counts = torch.stack([applied + a, skipped + 1 - a, (in_a_row + 1) * (1 - a)])
-        decision = torch.stack([self.optimizer.grad_norm.double(), a])
+        decision = torch.stack([outcome.grad_norm.double(), a])
         return StepStats(torch.cat([total.double(), decision, self.counts]), keys, len(mine), rows)
 
     def _to_device(self, values: list[float]) -> Tensor:
         """A few host numbers on the device, without waiting for the work queued there (pinned on a GPU)."""
         host = torch.tensor(values, dtype=torch.float32, pin_memory=self.device.type == "cuda")
         return host.to(self.device, non_blocking=True)
-
-    @staticmethod
-    def _accumulate(sums: dict[str, Tensor], stats: dict[str, Tensor], n: int) -> None:
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0) + v.detach().float() * n
 
     # ---- state ------------------------------------------------------------------------------------------------
     @property
@@ -230,16 +259,17 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    @abstractmethod
     def full_weights(self, which: str) -> dict[str, Tensor]:
         """Full float32 parameters ('raw') or their EMA ('ema') by name, on every rank (collective)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def full_optimizer(self) -> dict[str, dict[str, Tensor]]:
         """Full Adamax moments and EMA by parameter name, plus the step count (collective)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def buffers(self) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The persistent buffers (state_dict entries that are not trained parameters), never partitioned."""
 
     def eval_view(self, which: str = "ema") -> nn.Module:
         """A module with the full EMA ('ema') or raw ('raw') float32 weights, for validation, test and sampling
@@ -247,6 +277,14 @@ class Engine:
         weights = {**self.full_weights(which), **self.buffers()}
         self.view.load_state_dict(weights)
         return self.view.eval()
+
+    def save_native(self, directory: Path, tag: str, client_state: dict[str, Any]) -> bool:
+        """Write this engine's own checkpoint (partitioned state, each rank's RNG) under directory/tag,
+        collectively; returns whether it wrote one. The torch engine has none: its full state is all there is."""
+        return False
+
+    def load_native(self, directory: Path, tag: str) -> None:
+        """Load what `save_native` wrote under directory/tag at this world size (nothing for the torch engine)."""
 
     def full_state(self) -> dict[str, Any]:
         """Everything a resume needs, unpartitioned and engine-independent (collective): model, ema, optimizer,

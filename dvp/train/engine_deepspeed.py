@@ -2,7 +2,7 @@
 fp32 / bf16 / fp16 (`train.precision`), on the process group of `dvp.parallel`.
 
     engine = DeepSpeedEngine(model, cfg, image_shape, ctx)     # same interface as engine.TorchEngine
-    engine.save_native(dir, tag, client_state); engine.load_native(dir, tag)   # DeepSpeed's own shards
+    engine.save_native(dir, tag, client_state); engine.load_native(dir, tag)   # DeepSpeed's shards + rank RNG
 
 Choices, and why:
 - Precision: DeepSpeed's `torch_autocast` mode, not its bf16/fp16 modes. Those cast the parameters to 16 bits,
@@ -13,7 +13,7 @@ Choices, and why:
   (`engine.LossScale`, train.fp16_init_scale), put in DeepSpeed's place. DeepSpeed calls the scaler's
   update() only in the optimizer step that it reaches: at ZeRO 1-3 a step whose scaled gradient overflows ends
   before it (DeepSpeed finds the overflow in the gradient norm), so the scale never backed off and every later
-  step overflowed too; `step` backs it off then, as torch's GradScaler does in the torch engine.
+  step overflowed too; `_optimizer_step` backs it off then, as torch's GradScaler does in the torch engine.
 - Optimizer: our `optim.AdamaxEMA` as the client optimizer (`zero_allow_untested_optimizer`); it clips, skips and
   keeps the EMA in its state, so ZeRO partitions, saves and gathers the EMA with the moments.
 - Batch: `train_micro_batch_size_per_gpu` = dist.micro_batch and `gradient_accumulation_steps` =
@@ -39,10 +39,12 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dvp.core.noise import Noise
 from dvp.model.objectives import elbo_stats
 from dvp.parallel.context import DistContext, deepspeed_environment
-from dvp.train.engine import Engine, Votes
-from dvp.train.optim import AdamaxEMA
+from dvp.train.engine import Engine
+from dvp.train.optim import AdamaxEMA, StepOutcome
+from dvp.train.rng import load_rank_rng, save_rank_rng
 
 
 def bucket_size(n_params: int) -> int:
@@ -93,6 +95,8 @@ class DeepSpeedEngine(Engine):
         partitioned = {"norm_reduce": ctx.all_reduce_sum} if self.stage >= 1 else {}   # ZeRO 0: whole grads
         optimizer = AdamaxEMA([p for p in model.parameters() if p.requires_grad], lr=t.lr,
                               weight_decay=t.weight_decay, clip=t.grad_clip, skip=t.grad_skip, **partitioned)
+        self._outcome: StepOutcome | None = None     # what the optimizer's last step() returned, until read
+        self._keep_outcome(optimizer)
         deepspeed_environment(ctx)
         self.ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, ctx.world_size, self.micro,
@@ -107,8 +111,9 @@ class DeepSpeedEngine(Engine):
         if ctx.world_size == 1 and self.stage == 0:
             self.ds.enable_backward_allreduce = False   # one process: the all-reduce would only copy every gradient
         self.module = self.ds.module
+        self.ds.train()          # for good: evaluation uses a separate module (`eval_view`)
         self.params = dict((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
-        if self.scaler is not None:       # ours in DeepSpeed's place: configurable, and backed off in `step`
+        if self.scaler is not None:       # ours in DeepSpeed's place: configurable, backed off in `_optimizer_step`
             owner = self.ds.optimizer if self.stage > 0 else self.ds
             name = "torch_autocast_gradscaler" if self.stage > 0 else "torch_autocast_z0_gradscaler"
             if getattr(owner, name, None) is None:
@@ -119,20 +124,34 @@ class DeepSpeedEngine(Engine):
         if state is not None:
             self._load_optimizer(state)
 
-    def step(self, x: Tensor, step: int, votes: Votes | None = None) -> dict[str, float]:
-        """One optimizer step on the global batch `x`: this rank's slice, in micro-batches."""
-        self.ds.train()
-        self._before_step()
-        sums: dict[str, Tensor] = {}
-        for x_enc, x_target, noise in self.micro_batches(x, step):
-            terms = self.ds(x_enc, x_target, noise=noise)
-            stats = elbo_stats(terms, self.image_shape)
-            self.ds.backward(stats["loss"])
-            self.ds.step()
-            self._accumulate(sums, stats, len(x_enc))
+    def _forward_backward(self, x_enc: Tensor, x_target: Tensor, noise: Noise) -> dict[str, Tensor]:
+        """DeepSpeed's forward and backward (it divides the loss by the accumulation steps), then its step(),
+        which steps the optimizer only at the last micro-batch (DeepSpeed counts micro-batches in step())."""
+        stats = elbo_stats(self.ds(x_enc, x_target, noise=noise), self.image_shape)
+        self.ds.backward(stats["loss"])
+        self.ds.step()
+        return stats
+
+    def _optimizer_step(self) -> StepOutcome:
+        """What AdamaxEMA.step returned when DeepSpeed called it in the last micro-batch's `ds.step()` (kept by
+        `_keep_outcome`), or not reached: then, at ZeRO 1-3 under fp16, DeepSpeed found the overflow first and
+        skipped the step before the scaler's update(), so the scale backs off here."""
+        outcome, self._outcome = self._outcome, None
         if self.scaler is not None and self.stage > 0 and self.ds.optimizer.overflow:
-            self.scaler.back_off()    # DeepSpeed skipped the step before the scaler's update()
-        return self._after_step(sums, len(x), votes)
+            self.scaler.back_off()
+        return StepOutcome.not_reached(self.device) if outcome is None else outcome
+
+    def _keep_outcome(self, optimizer: AdamaxEMA) -> None:
+        """DeepSpeed, not this engine, calls the optimizer's step() (inside `ds.step()`, through its ZeRO
+        optimizer or fp16 scaler) and drops what it returns; so the engine's own wrapper of that step() keeps
+        the returned `StepOutcome` for `_optimizer_step`. The EMA decay needs no such path: it is a param-group
+        hyperparameter (`ema_decay`, like `lr`), which DeepSpeed's wrappers pass through untouched."""
+        step = optimizer.step
+
+        def kept(*args: Any, **kwargs: Any) -> StepOutcome:
+            self._outcome = step(*args, **kwargs)
+            return self._outcome
+        optimizer.step = kept     # type: ignore[method-assign]
 
     # ---- full (gathered) views of the partitioned state --------------------------------------------------------
     def _full(self, p: Tensor, key: str | None) -> Tensor:
@@ -171,19 +190,21 @@ class DeepSpeedEngine(Engine):
         self.load_counters(state["counters"])
 
     # ---- DeepSpeed's own checkpoint ----------------------------------------------------------------------------
-    def save_native(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """Every rank's shards under directory/tag; DeepSpeed moves directory/latest to `tag` last."""
+    def save_native(self, directory: Path, tag: str, client_state: dict[str, Any]) -> bool:
+        """Every rank's shards under directory/tag (DeepSpeed moves directory/latest to `tag` last) and its RNG."""
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+        save_rank_rng(directory / tag, self.ctx)
+        return True
 
-    def load_native(self, directory: Path, tag: str) -> dict[str, Any]:
-        """Load shards saved at this world size; returns the client state."""
+    def load_native(self, directory: Path, tag: str) -> None:
+        """Load the shards and this rank's RNG saved at this world size."""
         _, client = self.ds.load_checkpoint(str(directory), tag=tag, load_lr_scheduler_states=False)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {directory / tag}")
         if self.stage in (1, 2):   # loading relinks the parameters but not their optimizer state: link it again
             self.ds.optimizer._hp_optimizer_states_linked = False
             self.ds.optimizer._lazy_init_hp_params_optimizer_state()
-        return client
+        load_rank_rng(directory / tag, self.ctx)
 
 
 def _shape(p: Tensor) -> torch.Size:

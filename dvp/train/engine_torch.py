@@ -8,11 +8,12 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dvp.core.noise import Noise
 from dvp.model.objectives import elbo_stats
 from dvp.model.precision import autocast
 from dvp.parallel.context import DistContext
-from dvp.train.engine import Engine, Votes
-from dvp.train.optim import AdamaxEMA
+from dvp.train.engine import Engine
+from dvp.train.optim import AdamaxEMA, StepOutcome
 
 
 class TorchEngine(Engine):
@@ -31,29 +32,29 @@ class TorchEngine(Engine):
         self.optimizer = AdamaxEMA(self.params.values(), lr=t.lr, weight_decay=t.weight_decay, clip=t.grad_clip,
                                    skip=t.grad_skip)
         self.optimizer.init_state()
+        self.model.train()       # for good: evaluation uses a separate module (`eval_view`)
         if state is not None:
             self._load_optimizer(state)
         self.forward = torch.compile(self.model) if t.compile else self.model
 
-    def step(self, x: Tensor, step: int, votes: Votes | None = None) -> dict[str, float]:
-        """One optimizer step on the global batch `x` (all of it: world size 1), in micro-batches."""
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._before_step()
-        sums: dict[str, Tensor] = {}
-        for x_enc, x_target, noise in self.micro_batches(x, step):
-            with autocast(self.cfg.train.precision, self.device):
-                terms = self.forward(x_enc, x_target, noise=noise)
-            stats = elbo_stats(terms, self.image_shape)
-            loss = stats["loss"] / self.accumulation
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            self._accumulate(sums, stats, len(x_enc))
+    def _forward_backward(self, x_enc: Tensor, x_target: Tensor, noise: Noise) -> dict[str, Tensor]:
+        with autocast(self.cfg.train.precision, self.device):
+            terms = self.forward(x_enc, x_target, noise=noise)
+        stats = elbo_stats(terms, self.image_shape)
+        loss = stats["loss"] / self.accumulation
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return stats
+
+    def _optimizer_step(self) -> StepOutcome:
+        """AdamaxEMA's step (through the fp16 loss scale, which skips it on an overflow), then the gradients
+        freed for the next step's accumulation."""
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            outcome = self.scaler.step(self.optimizer)     # the optimizer's outcome, None when skipped
             self.scaler.update()
         else:
-            self.optimizer.step()
-        return self._after_step(sums, len(x), votes)
+            outcome = self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome.not_reached(self.device) if outcome is None else outcome
 
     def full_weights(self, which: str) -> dict[str, Tensor]:
         state = self.optimizer.state

@@ -3,6 +3,11 @@
     run_dir = train(compose(["experiment=mnist/dvp_vae", "data.root=../shared/data"]))          # one process
     run_dir = train(cfg, overrides, ctx)   # every rank of a launch (ctx = dvp.parallel.context.init(detect(environ)))
 
+A run, as calls to its components: `Checkpointer.read_last` (last.pt, when resuming) and `resume_config`,
+`prepare` (data, model fitted to them), `Checkpointer.restore` (the engine, the batch position, the loop state),
+the `RunLogger`, then `_Run.fit`: per batch `Engine.step`, per epoch `_end_of_epoch` (validation, images, best.pt),
+`Checkpointer.save` of last.pt (every epoch, every ckpt_every steps, at a pause or a signal); `final_eval`.
+
 Recipe (docs/model.md §8, eq. (28)): per-epoch LR, linear warm-up lr = base (e+1)/W for e < W, then cosine
 lr(e) = lr_min + (base - lr_min) (1 + cos(pi e / lr_epochs)) / 2; validation of the EMA model every epoch
 (-ELBO in bits/dim with the one-sample diffusion term, fixed noise); `checkpoints/best.pt` when it improves,
@@ -12,7 +17,7 @@ early stop after `patience` epochs without improvement.
 Many processes: every rank runs this loop on the same global batches (the engine takes its rows); rank 0
 resolves the run dir and does all the writing; the stop decisions are the same on every rank (the loop state is,
 and a signal or the clock is agreed in each step's statistics all-reduce); checkpoints are collective (see
-`_Run.checkpoint`).
+`Checkpointer.save`).
 
 Resume: `dvp-train run_dir=DIR` (the same command, given the run's run_dir=) continues from last.pt with the
 weights, EMA, optimizer, loop counters (step, epoch, best validation, patience), batch position and RNG
@@ -27,11 +32,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dvp.core.config import from_dict, parse_overrides, split_overrides, to_dict, validate
-from dvp.core.errors import CheckpointError, ConfigError, Interrupted, TrainingStopped
+from dvp.core.errors import ConfigError, Interrupted, TrainingStopped
 from dvp.core.paths import check_output_dir, replace_atomically
 from dvp.core.signals import SIGNALS, StopSignals, signal_name
 from dvp.data.batches import BatchIterator, model_inputs
@@ -47,32 +51,17 @@ from dvp.data.datasets import DataSplits, load_data_config
 from dvp.evaluate.sharded import evaluate_elbo, evaluate_test
 from dvp.model.precision import configure_training
 from dvp.model.vae import HierarchicalVAE, build_model, parameter_counts
-from dvp.parallel.context import DistContext, accelerator_rng_state, init, set_accelerator_rng_state
+from dvp.parallel.context import DistContext, init
 from dvp.parallel.launch import detect
-from dvp.train.checkpoint import (
-    check_weights_match,
-    load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
+from dvp.train.checkpoint import load_checkpoint
+from dvp.train.checkpointer import Checkpointer, LoopState
 from dvp.train.engine import Engine, StepStats
-from dvp.train.engines import engine_kind, make_engine
 from dvp.train.logger import RunLogger
 
 EpochReport = Callable[[dict[str, float], Path], None]
 """Called on every rank after each epoch's last.pt: (the epoch's validation metrics with epoch and step, last.pt)."""
 STOP_FILE = "stop.json"
 """Written by rank 0 when training ends by itself (not when killed or signalled): step, epoch and the reason."""
-
-
-@dataclass
-class LoopState:
-    """Where the loop is; saved in every checkpoint."""
-    step: int = 0
-    epoch: int = 0
-    best_val: float = math.inf
-    epochs_since_best: int = 0
-    records: int | None = None    # records in metrics.jsonl when this state was saved (None: not known)
 
 
 def lr_at(epoch: int, t: DictConfig) -> float:
@@ -89,8 +78,7 @@ def prepare(cfg: DictConfig, world_size: int = 1) -> tuple[DataSplits, Hierarchi
     validate(cfg, data.shape, n_train=len(data.train), world_size=world_size)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, data.shape)
-    if cfg.model.name == "dvp_vae":
-        model.pseudo_input.fit_scale(data.train)
+    model.fit_to_data(data.train)
     return data, model
 
 
@@ -122,53 +110,26 @@ def train(cfg: DictConfig, overrides: list[str] | None = None, ctx: DistContext 
     checks the run dir and does all the writing. SIGTERM/SIGUSR1 save `last.pt` and raise `Interrupted`."""
     ctx = ctx or init(detect({}), device=cfg.dist.device)
     run_dir = ctx.on_main(lambda: _checked_run_dir(cfg))
-    last = run_dir / "checkpoints" / "last.pt"
-    if cfg.train.resume and not last.exists():
-        raise ConfigError(f"train.resume=true but {last} does not exist")
-    saved = load_checkpoint(last) if last.exists() else None
+    checkpoints = Checkpointer(run_dir, ctx)
+    saved = checkpoints.read_last(required=cfg.train.resume)
     if saved is not None:
         cfg = resume_config(cfg, saved["config"], overrides or [])
     cfg.run_dir = str(run_dir)
-    t = cfg.train
     data, model = prepare(cfg, ctx.world_size)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    torch.set_flush_denormal(True)    # CPU: subnormal floats (seen early in training) make steps up to 8x slower
-    configure_training(t.tf32, ctx.device)    # CUDA: TF32 only with train.tf32, cudnn.benchmark
-    engine, batches, state = _build(cfg, data, model, ctx, saved, last)
+    _configure_process(cfg.train, ctx)
+    batches = BatchIterator(data.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed, drop_last=True,
+                            flip=cfg.data.flip)
+    engine, state = checkpoints.restore(cfg, model, data.shape, batches, saved)
     # nothing is written before this line: every bad input has failed above
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(last.parent)
-        (run_dir / STOP_FILE).unlink(missing_ok=True)     # training goes on: the old stop no longer holds
-        replace_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg)))
-    steps_per_epoch = len(batches)
-    total = min(t.max_epochs * steps_per_epoch, t.max_steps or math.inf)
-    log = RunLogger(run_dir, to_dict(cfg), total_steps=int(total), enabled=ctx.is_main, wandb_mode=cfg.wandb.mode,
-                    project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
-                    log_checkpoints=cfg.wandb.log_checkpoints,
-                    start_step=state.step, keep_records=state.records)
-    counts = parameter_counts(model)
-    log.log_summary({f"params/{k}": v for k, v in counts.items()})
-    if ctx.is_main:
-        print(f"run_dir={run_dir}  params={counts['total']:,}  steps/epoch={steps_per_epoch}  "
-              f"{type(engine).__name__} x {ctx.world_size} (micro-batch {engine.micro}, accumulation "
-              f"{engine.accumulation})  {'resumed at step ' + str(state.step) if saved is not None else 'new run'}",
-              flush=True)
-        print(ctx.devices_line(t.precision), flush=True)
-        if ctx.world_size > 1:
-            print(f"hosts: {ctx.where()}", flush=True)
-    if ctx.world_size > 1 and ctx.local_rank == 0:       # each host's own interface, in some log
-        print(ctx.host_line(), flush=True)
-    run = _Run(cfg, data, engine, batches, state, log, run_dir, ctx, report)
+        _start_run_dir(cfg, checkpoints)
+    log = _logger(cfg, len(batches), state, ctx)
+    _announce(cfg, model, engine, len(batches), state, saved is not None, log, ctx)
+    run = _Run(cfg, data, engine, batches, state, log, checkpoints, ctx, report)
     try:
         with run.signals:
-            reason = run.fit()
-            if ctx.is_main:
-                print(f"stopped at step {state.step}: {reason}", flush=True)
-                record = {"step": state.step, "epoch": state.epoch, "reason": reason}
-                replace_atomically(run_dir / STOP_FILE, lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
-            if t.final_eval:
+            run.record_stop(run.fit())
+            if cfg.train.final_eval:
                 run.final_eval()
     finally:
         log.close()
@@ -181,71 +142,49 @@ def _checked_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def _build(cfg: DictConfig, data: DataSplits, model: HierarchicalVAE, ctx: DistContext,
-           saved: dict[str, Any] | None, path: Path) -> tuple[Engine, BatchIterator, LoopState]:
-    """The engine (resumed from `saved` when given), the batch iterator at its position and the loop state.
+def _configure_process(t: DictConfig, ctx: DistContext) -> None:
+    """This process's threads (train.num_threads), denormals and TF32 / cudnn settings."""
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    torch.set_flush_denormal(True)    # CPU: subnormal floats (seen early in training) make steps up to 8x slower
+    configure_training(t.tf32, ctx.device)    # CUDA: TF32 only with train.tf32, cudnn.benchmark
 
-    A resume at the world size and ZeRO stage that wrote DeepSpeed's shards loads them (`load_native`); any other
-    (another world size, stage or engine) re-partitions the consolidated state of last.pt. A checkpoint that does
-    not fit
-    this run is a CheckpointError before anything is written."""
+
+def _start_run_dir(cfg: DictConfig, checkpoints: Checkpointer) -> None:
+    """Rank 0, before training writes anything else: the run dir, without stale temporaries or an old stop.json,
+    and the run's config.yaml."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints.remove_stale_temporaries()
+    (run_dir / STOP_FILE).unlink(missing_ok=True)     # training goes on: the old stop no longer holds
+    replace_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg)))
+
+
+def _logger(cfg: DictConfig, steps_per_epoch: int, state: LoopState, ctx: DistContext) -> RunLogger:
+    """The run's logger (writing on rank 0 only), metrics.jsonl cut back to the records of the resumed state."""
     t = cfg.train
-    batches = BatchIterator(data.train, t.batch_size, shuffle=True, seed=t.seed, drop_last=True,
-                            flip=cfg.data.flip)
-    if saved is None:
-        return make_engine(model, cfg, data.shape, ctx), batches, LoopState()
-    for which in ("model", "ema"):
-        check_weights_match(path, model.state_dict(), saved["engine"][which], which)
-    native = saved.get("native")
-    use_native = (native is not None and native["world_size"] == ctx.world_size
-                  and native["zero_stage"] == cfg.dist.zero_stage and engine_kind(cfg, ctx.world_size) == "deepspeed"
-                  and (path.parent / "deepspeed" / native["tag"]).is_dir())
-    try:
-        engine = make_engine(model, cfg, data.shape, ctx, state=None if use_native else saved["engine"])
-        if use_native:
-            engine.load_native(path.parent / "deepspeed", native["tag"])
-            engine.load_counters(saved["engine"]["counters"])
-            _load_rng(path.parent / "deepspeed" / native["tag"], ctx)
-        elif ctx.is_main:     # rank 0's RNG is the one last.pt holds (training draws do not depend on it)
-            torch.set_rng_state(saved["rng"]["torch"])
-            _set_accelerator_rng(saved["rng"], ctx)
-        batches.load_state_dict(saved["batches"])
-        state = LoopState(**saved["loop"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
-        raise CheckpointError(f"{path} does not fit this run ({type(e).__name__}: {' '.join(str(e).split())}); "
-                              "start a new run_dir") from None
-    return engine, batches, state
+    total = min(t.max_epochs * steps_per_epoch, t.max_steps or math.inf)
+    return RunLogger(Path(cfg.run_dir), to_dict(cfg), total_steps=int(total), enabled=ctx.is_main,
+                     wandb_mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
+                     group=cfg.wandb.group, log_checkpoints=cfg.wandb.log_checkpoints,
+                     start_step=state.step, keep_records=state.records)
 
 
-def _rng_file(directory: Path, rank: int) -> Path:
-    return directory / f"rng_rank{rank}.pt"
-
-
-def _accelerator_rng(ctx: DistContext) -> dict[str, torch.Tensor]:
-    """This rank's accelerator RNG state keyed by the device type ({'cuda': state}); none on the CPU."""
-    return {} if ctx.device.type == "cpu" else {ctx.device.type: accelerator_rng_state()}
-
-
-def _set_accelerator_rng(states: dict[str, Any], ctx: DistContext) -> None:
-    """Restore the accelerator RNG state saved for this rank's device type, if any: a checkpoint written on a
-    GPU resumes on the CPU (and one written on the CPU on a GPU), each device's state going only where it fits."""
-    if ctx.device.type != "cpu" and ctx.device.type in states:
-        set_accelerator_rng_state(states[ctx.device.type])
-
-
-def _save_rng(directory: Path, ctx: DistContext) -> None:
-    """This rank's CPU and accelerator RNG next to its DeepSpeed shards."""
-    state = {"cpu": torch.get_rng_state(), **_accelerator_rng(ctx)}
-    replace_atomically(_rng_file(directory, ctx.rank), lambda tmp: torch.save(state, tmp))
-
-
-def _load_rng(directory: Path, ctx: DistContext) -> None:
-    """Restore this rank's RNG if it was saved at this world size (on any device: tensors load to the CPU)."""
-    path = _rng_file(directory, ctx.rank)
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        torch.set_rng_state(state["cpu"])
-        _set_accelerator_rng(state, ctx)
+def _announce(cfg: DictConfig, model: HierarchicalVAE, engine: Engine, steps_per_epoch: int, state: LoopState,
+              resumed: bool, log: RunLogger, ctx: DistContext) -> None:
+    """The parameter counts (to the log) and the run's first lines: run dir, size, engine, devices, hosts."""
+    counts = parameter_counts(model)
+    log.log_summary({f"params/{k}": v for k, v in counts.items()})
+    if ctx.is_main:
+        print(f"run_dir={cfg.run_dir}  params={counts['total']:,}  steps/epoch={steps_per_epoch}  "
+              f"{type(engine).__name__} x {ctx.world_size} (micro-batch {engine.micro}, accumulation "
+              f"{engine.accumulation})  {'resumed at step ' + str(state.step) if resumed else 'new run'}",
+              flush=True)
+        print(ctx.devices_line(cfg.train.precision), flush=True)
+        if ctx.world_size > 1:
+            print(f"hosts: {ctx.where()}", flush=True)
+    if ctx.world_size > 1 and ctx.local_rank == 0:       # each host's own interface, in some log
+        print(ctx.host_line(), flush=True)
 
 
 class _Run:
@@ -258,11 +197,12 @@ class _Run:
     """
 
     def __init__(self, cfg: DictConfig, data: DataSplits, engine: Engine, batches: BatchIterator,
-                 state: LoopState, log: RunLogger, run_dir: Path, ctx: DistContext,
+                 state: LoopState, log: RunLogger, checkpoints: Checkpointer, ctx: DistContext,
                  report: EpochReport | None = None) -> None:
         self.cfg, self.data, self.engine, self.batches, self.state = cfg, data, engine, batches, state
-        self.log, self.run_dir, self.ctx, self.report = log, run_dir, ctx, report
-        self.last, self.best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+        self.log, self.checkpoints, self.ctx, self.report = log, checkpoints, ctx, report
+        self.run_dir = Path(cfg.run_dir)
+        self.last, self.best = checkpoints.last, checkpoints.best
         self.signals = StopSignals()
         t = cfg.train
         self.max_steps = t.max_steps or math.inf
@@ -272,33 +212,18 @@ class _Run:
 
     def checkpoint(self, path: Path, state: LoopState | None = None,
                    batches: dict[str, int] | None = None) -> None:
-        """Save the run (or the given loop state and batch position) to `path`, collectively; signals wait.
-
-        Every rank: the engine's full state (gathered) and, for last.pt under DeepSpeed, DeepSpeed's own shards
-        under checkpoints/deepspeed/step<N> (its `latest` file moves last) with each rank's RNG. Then rank 0
-        replaces `path` atomically: the consolidated file that dvp-eval and dvp-sample read, and the commit point
-        of a resume; older shard folders are deleted only after it."""
-        state = state or replace(self.state, records=self.log.records)
-        batches = batches or self.batches.state_dict()
+        """Save the run (or the given loop state and batch position) to `path` (`Checkpointer.save`, collective),
+        with the metric records written so far; signals wait until it is done."""
         with self.signals.deferred():
-            full = self.engine.full_state()
-            native = None
-            if path == self.last and hasattr(self.engine, "save_native"):
-                tag, directory = f"step{state.step}", self.last.parent / "deepspeed"
-                self.engine.save_native(directory, tag, {"loop": asdict(state), "batches": batches})
-                _save_rng(directory / tag, self.ctx)
-                native = {"tag": tag, "world_size": self.ctx.world_size, "zero_stage": self.cfg.dist.zero_stage}
-            self.ctx.barrier()
-            if self.ctx.is_main:
-                save_checkpoint(path, {"config": to_dict(self.cfg), "image_shape": list(self.data.shape),
-                                       "engine": full, "loop": asdict(state), "batches": batches,
-                                       "rng": {"torch": torch.get_rng_state(), **_accelerator_rng(self.ctx)},
-                                       "native": native})
-                if native is not None:
-                    for old in (self.last.parent / "deepspeed").glob("step*"):
-                        if old.name != native["tag"] and old.is_dir():
-                            shutil.rmtree(old, ignore_errors=True)
-            self.ctx.barrier()
+            self.checkpoints.save(path, self.engine, state or replace(self.state, records=self.log.records),
+                                  batches or self.batches.state_dict())
+
+    def record_stop(self, reason: str) -> None:
+        """Rank 0: why training ended by itself, printed and in run_dir/stop.json."""
+        if self.ctx.is_main:
+            print(f"stopped at step {self.state.step}: {reason}", flush=True)
+            record = {"step": self.state.step, "epoch": self.state.epoch, "reason": reason}
+            replace_atomically(self.run_dir / STOP_FILE, lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
 
     def _stop_reason(self) -> str | None:
         """Why the run stops now, or None. Every input is the same on every rank (the loop state, and the clock

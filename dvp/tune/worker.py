@@ -19,7 +19,6 @@ report was cut off by the failure is trained and reported again, so Tune (and AS
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -28,22 +27,11 @@ from typing import Any
 import torch
 
 from dvp.core.config import compose
-from dvp.core.paths import replace_atomically
 from dvp.parallel.context import AssignedGpu, DistContext, init
 from dvp.parallel.launch import detect
-from dvp.train.checkpoint import load_checkpoint
+from dvp.train.checkpointer import export_run, import_run, saved_step
 from dvp.train.loop import STOP_FILE, train
 from dvp.tune.storage import write_text
-
-CHECKPOINT_FILES = ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt")
-"""What a registered checkpoint holds, relative to the run dir (best.pt once a validation improved): the state
-and the records up to it, so a trial restarted on another node (a node-local run dir) keeps its history."""
-APPENDED = ("metrics.jsonl",)
-"""Files the run goes on writing: copied into the checkpoint, not hard-linked."""
-
-
-def _step(path: Path) -> int:
-    return int(load_checkpoint(path)["loop"]["step"]) if path.is_file() else -1
 
 
 def restore_from_ray(run_dir: Path, ctx: DistContext) -> None:
@@ -53,18 +41,14 @@ def restore_from_ray(run_dir: Path, ctx: DistContext) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and ctx.is_main:
         with checkpoint.as_directory() as folder:
-            saved = Path(folder)
-            if _step(saved / "checkpoints" / "last.pt") != _step(run_dir / "checkpoints" / "last.pt"):
-                for name in CHECKPOINT_FILES:
-                    if (saved / name).is_file():
-                        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                        replace_atomically(run_dir / name, lambda tmp, src=saved / name: shutil.copyfile(src, tmp))
+            if saved_step(Path(folder)) != saved_step(run_dir):
+                import_run(Path(folder), run_dir)
     ctx.barrier()
 
 
 def reporter(run_dir: Path, ctx: DistContext) -> Any:
     """The loop's epoch callback: `ray.train.report` of the metrics on every rank, rank 0 adding the checkpoint
-    folder (hard links to the run dir's files: nothing is copied until Ray persists it)."""
+    folder (`export_run`: hard links to the run dir's files, nothing is copied until Ray persists it)."""
     import ray.train
 
     def report(metrics: dict[str, float], last: Path) -> None:
@@ -76,17 +60,7 @@ def reporter(run_dir: Path, ctx: DistContext) -> Any:
             ray.train.report(values, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="dvp-ckpt-") as folder:
-            for name in CHECKPOINT_FILES:
-                source = run_dir / name
-                if source.is_file():
-                    (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
-                    if name in APPENDED:
-                        shutil.copyfile(source, Path(folder) / name)
-                        continue
-                    try:
-                        os.link(source, Path(folder) / name)
-                    except OSError:      # another file system
-                        shutil.copyfile(source, Path(folder) / name)
+            export_run(run_dir, Path(folder))
             ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder))
     return report
 

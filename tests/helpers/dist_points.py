@@ -61,10 +61,11 @@ def _step(original: Any) -> Any:
 
 
 def _save_native(original: Any) -> Any:
-    def save(self: Any, directory: Any, tag: str, client_state: dict) -> None:
-        original(self, directory, tag, client_state)
+    def save(self: Any, directory: Any, tag: str, client_state: dict) -> bool:
+        wrote = original(self, directory, tag, client_state)
         if EVENT == "save" and MY_RANK == RANK and tag == f"step{STEP}":
             os.kill(os.getpid(), signal.SIGKILL)
+        return wrote
     return save
 
 

@@ -24,6 +24,7 @@ import torch
 
 import dvp.cli.train
 import dvp.evaluate.sharded
+import dvp.train.checkpointer
 import dvp.train.loop
 import dvp.train.optim
 from dvp.train.logger import RunLogger
@@ -95,8 +96,8 @@ def main() -> int:
         RunLogger.log_eval = _on_nth(n, RunLogger.log_eval, before=False,
                                      when=lambda self, step, epoch, split, metrics: split == "val")
     elif point == "after_best":
-        dvp.train.loop.save_checkpoint = _on_nth(n, dvp.train.loop.save_checkpoint, before=False,
-                                           when=lambda path, state: path.name == "best.pt")
+        dvp.train.checkpointer.save_checkpoint = _on_nth(n, dvp.train.checkpointer.save_checkpoint, before=False,
+                                                         when=lambda path, state: path.name == "best.pt")
     elif point == "term_val":
         dvp.train.loop.evaluate_elbo = _sigterm_on_nth(n, dvp.train.loop.evaluate_elbo)
     elif point == "final_eval":
