@@ -98,11 +98,15 @@ class AttentionBlock(nn.Module):
         return (x_flat + self.proj_out(a)).reshape(b, c, *spatial)
 
 
+GROUPS = 16
+"""GroupNorm groups of every UNet normalisation: model.diffusion.model_channels must be a multiple of it."""
+
+
 class UNet(nn.Module):
     """eps_hat(z_t, t): [B, C, k, k] x [B] -> [B, C, k, k] (see the module docstring for the layout)."""
 
     def __init__(self, in_channels: int, model_channels: int, num_res_blocks: int, dropout: float,
-                 num_groups: int = 16) -> None:
+                 num_groups: int = GROUPS) -> None:
         super().__init__()
         mc = model_channels
         self.model_channels = mc
