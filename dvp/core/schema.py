@@ -80,10 +80,12 @@ class Key:
 @dataclass
 class Schema:
     """The keys of one file (dotted names, in file order), its sections that take keys of their own, and how
-    errors name it: `noun` ('config key') and `source` (the defaults file)."""
+    errors name it: `noun` ('config key'), `source` (the defaults file) and `out_of_range` (the words between a
+    value and its range)."""
     keys: dict[str, Key]
     noun: str
     source: str
+    out_of_range: str = "is out of range: it must be"
     open_sections: set[str] = field(default_factory=set)
 
     @property
@@ -166,7 +168,7 @@ class Schema:
         for s in specs:
             value = flat[s.name]
             if s.range is not None and value is not None and not isinstance(value, list) and value not in s.range:
-                raise ConfigError(f"{s.name}={value!r} is out of range: it must be {s.range}")
+                raise ConfigError(f"{s.name}={value!r} {self.out_of_range} {s.range}")
         for s in specs:
             if s.below is not None:
                 other, equal = s.below
@@ -243,13 +245,14 @@ def _key(name: str, default: Any, comment: str, source: str, base: Schema | None
     return spec, is_open
 
 
-def load_schema(path: Path, noun: str, base: Schema | None = None) -> Schema:
+def load_schema(path: Path, noun: str, base: Schema | None = None,
+                out_of_range: str = "is out of range: it must be") -> Schema:
     """The schema of the commented defaults file `path`; `base` resolves `as other.key` annotations."""
     text = path.read_text()
     tree = yaml.safe_load(text) or {}
     comments = _comments(text)
     source = f"{path.parent.name}/{path.name}"
-    schema = Schema({}, noun, source)
+    schema = Schema({}, noun, source, out_of_range)
     sections = {k for k in comments if any(o.startswith(k + ".") for o in comments)}
 
     def walk(node: dict[str, Any], prefix: str) -> None:
