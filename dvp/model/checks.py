@@ -6,8 +6,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from dvp.core.errors import ConfigError
-from dvp.model.unet import GROUPS
 
+GROUPS = 16
+"""GroupNorm groups of every normalisation of the diffusion prior's UNet (dvp.model.unet): its width,
+model.diffusion.model_channels, must be a multiple of it."""
 MODELS = ("dvp_vae", "ladder", "vampprior")
 """The accepted values of `model.name`: DVP-VAE, the Ladder VAE, and the VampPrior (a hierarchical one)."""
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dvp.model.blocks import Float32Conv2d
+from dvp.model.checks import GROUPS
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -96,10 +97,6 @@ class AttentionBlock(nn.Module):
         q, k, v = self.qkv(self.norm(x_flat)).transpose(1, 2)[:, None].chunk(3, dim=-1)  # [B, 1, L, C] each
         a = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2)  # [B, C, L]
         return (x_flat + self.proj_out(a)).reshape(b, c, *spatial)
-
-
-GROUPS = 16
-"""GroupNorm groups of every UNet normalisation: model.diffusion.model_channels must be a multiple of it."""
 
 
 class UNet(nn.Module):
