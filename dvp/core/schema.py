@@ -218,7 +218,7 @@ def _key(name: str, default: Any, comment: str, source: str, base: Schema | None
     """The Key of one line, and whether it opens an open section."""
     spec = Key(name, default, type(default) if default is not None else str, comment, nullable=default is None)
     note = re.match(r"^\{([^}]*)\}\s*", comment)
-    is_open, bounded = False, False
+    is_open = False
     for part in (p.strip() for p in note[1].split(";")) if note else ():
         word, _, rest = part.partition(" ")
         if part == "open":
@@ -226,21 +226,20 @@ def _key(name: str, default: Any, comment: str, source: str, base: Schema | None
         elif part == "null":
             spec = replace(spec, nullable=True)
         elif part == "any":
-            bounded = True
+            spec = replace(spec, range=Range())
         elif word == "as" and base is not None:
             spec = replace(base.keys[rest], name=name, default=default, comment=comment)
-            bounded = True
         elif part in TYPES:
             spec = replace(spec, type=TYPES[part])
         elif word in TYPES and rest:
-            spec, bounded = replace(spec, type=TYPES[word], range=_range(rest, source, name)), True
+            spec = replace(spec, type=TYPES[word], range=_range(rest, source, name))
         elif word in ("<", "<="):
             spec = replace(spec, below=(rest, word == "<="))
         elif " | " in part:
-            spec, bounded = replace(spec, choices=tuple(yaml.safe_load(c) for c in part.split(" | "))), True
+            spec = replace(spec, choices=tuple(yaml.safe_load(c) for c in part.split(" | ")))
         else:
-            spec, bounded = replace(spec, range=_range(part, source, name)), True
-    if spec.type in (int, float) and not bounded:
+            spec = replace(spec, range=_range(part, source, name))
+    if spec.type in (int, float) and spec.range is None and spec.choices is None:
         raise ValueError(f"{source}: numeric key '{name}' declares no range, choices or 'any' in its comment")
     return spec, is_open
 

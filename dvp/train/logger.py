@@ -35,7 +35,7 @@ WANDB_ID_FILE = "wandb_id.txt"
 WANDB_MODES = SCHEMA.keys["wandb.mode"].choices     # configs/defaults.yaml lists them
 
 
-def wandb_mode(mode: str, warn: Callable[[str], None]) -> str:
+def offline_without_credentials(mode: str, warn: Callable[[str], None]) -> str:
     """`mode`, or "offline" (after one warning line) when it is "online" and no wandb credentials are configured."""
     import wandb
     if mode == "online" and not wandb.login(prompt=False, verify=False):
@@ -153,7 +153,7 @@ class RunLogger:
         """Start (or resume) the wandb run whose id is kept in `run_dir/wandb_id.txt`."""
         import wandb
 
-        mode = wandb_mode(mode, self._print)
+        mode = offline_without_credentials(mode, self._print)
         id_path = self.run_dir / WANDB_ID_FILE
         if not id_path.exists():
             id_path.write_text(secrets.token_hex(4) + "\n")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dvp.core.errors import ConfigError
-from dvp.train.logger import wandb_mode
+from dvp.train.logger import offline_without_credentials
 from dvp.tune.spec import SCHEDULERS, SEARCHERS, SweepSpec
 from dvp.tune.worker import train_worker
 
@@ -118,7 +118,7 @@ def wandb_callbacks(spec: SweepSpec) -> list[Any]:
     """[WandbTrials] unless wandb is disabled; online without credentials falls back to offline."""
     if spec.wandb["mode"] == "disabled":
         return []
-    mode = wandb_mode(spec.wandb["mode"], lambda line: print(line, file=sys.stderr, flush=True))
+    mode = offline_without_credentials(spec.wandb["mode"], lambda line: print(line, file=sys.stderr, flush=True))
     return [_wandb_trials_class()(spec, mode)]
 
 
