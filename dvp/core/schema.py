@@ -214,16 +214,13 @@ def _range(text: str, source: str, key: str) -> Range:
     return Range(yaml.safe_load(m["a"]), yaml.safe_load(m["b"]), lo_open=m["l"] == "(", hi_open=m["r"] == ")")
 
 
-def _key(name: str, default: Any, comment: str, source: str, base: Schema | None) -> tuple[Key, bool]:
-    """The Key of one line, and whether it opens an open section."""
+def _key(name: str, default: Any, comment: str, source: str, base: Schema | None) -> Key:
+    """The Key of one line, from its default and its comment's annotation."""
     spec = Key(name, default, type(default) if default is not None else str, comment, nullable=default is None)
     note = re.match(r"^\{([^}]*)\}\s*", comment)
-    is_open = False
     for part in (p.strip() for p in note[1].split(";")) if note else ():
         word, _, rest = part.partition(" ")
-        if part == "open":
-            is_open = True
-        elif part == "null":
+        if part == "null":
             spec = replace(spec, nullable=True)
         elif part == "any":
             spec = replace(spec, range=Range())
@@ -241,7 +238,7 @@ def _key(name: str, default: Any, comment: str, source: str, base: Schema | None
             spec = replace(spec, range=_range(part, source, name))
     if spec.type in (int, float) and spec.range is None and spec.choices is None:
         raise ValueError(f"{source}: numeric key '{name}' declares no range, choices or 'any' in its comment")
-    return spec, is_open
+    return spec
 
 
 def load_schema(path: Path, noun: str, base: Schema | None = None,
@@ -264,9 +261,10 @@ def load_schema(path: Path, noun: str, base: Schema | None = None,
                 continue
             if name not in comments or not comments[name]:
                 raise ValueError(f"{source}: key '{name}' has no comment saying what it does")
-            schema.keys[name], is_open = _key(name, v, comments[name], source, base)
-            if is_open:
-                schema.open_sections.add(name)
+            schema.keys[name] = _key(name, v, comments[name], source, base)
 
     walk(tree, "")
+    for spec in schema.keys.values():
+        if spec.below is not None and spec.below[0] not in schema.keys:
+            raise ValueError(f"{source}: key '{spec.name}' is ordered against '{spec.below[0]}', which is no key")
     return schema
