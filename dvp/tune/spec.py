@@ -259,8 +259,7 @@ def load_sweep(name: str, argv: list[str] | None = None) -> SweepSpec:
     path = find_sweep(name)
     raw, extra, where = _parse(path, list(argv or []))
     try:
-        merged = _merge(raw, extra)
-        spec = _check(merged, path)
+        spec = _check(raw, _merge(raw, extra), path)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     _check_trials(spec, where)
@@ -300,12 +299,12 @@ def _merge(raw: dict[str, Any], extra: list[tuple[str, str]]) -> dict[str, Any]:
     merged = {k: ({**v, **raw.get(k, {})} if isinstance(v, dict) and k != "space" else raw.get(k, v))
               for k, v in SCHEMA.defaults().items()}
     merged["space"] = raw.get("space") or {}
-    merged["raw"] = raw
     return merged
 
 
-def _check(merged: dict[str, Any], path: Path) -> SweepSpec:
-    """The sweep's own checks (the trials' configs are `_check_trials`'), then the SweepSpec."""
+def _check(raw: dict[str, Any], merged: dict[str, Any], path: Path) -> SweepSpec:
+    """The sweep's own checks of `merged` (the trials' configs are `_check_trials`'), then the SweepSpec (`raw`: the
+    file and command line as given, what the sweep folder records)."""
     for o in merged["overrides"]:
         if o.split("=")[0] in ("run_dir", "experiment"):
             raise ConfigError(f"override '{o}' is set per trial by the sweep; remove it")
@@ -327,7 +326,7 @@ def _check(merged: dict[str, Any], path: Path) -> SweepSpec:
                           f"{', '.join(SCHEDULERS)}")
     if not str(merged["name"]).replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"name={merged['name']!r} may hold letters, digits, - and _ only (a folder name)")
-    return SweepSpec(name=merged["name"], path=str(path), raw={**merged["raw"], "name": merged["name"]},
+    return SweepSpec(name=merged["name"], path=str(path), raw={**raw, "name": merged["name"]},
                      arms=_arms(merged["experiments"]), space=merged["space"],
                      overrides=merged["overrides"], metric=merged["metric"], mode=merged["mode"],
                      search=merged["search"], scheduler=merged["scheduler"], num_samples=merged["num_samples"],
