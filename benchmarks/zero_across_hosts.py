@@ -73,10 +73,11 @@ def run(stage: int, steps: int, rate: str, latency: str, base: Path) -> dict[str
 
 
 def parameters() -> int:
-    from dvp.core.config import DATASET_SHAPES, compose
+    from dvp.core.config import compose
+    from dvp.data.catalog import DATASETS
     from dvp.model.vae import build_model, parameter_counts
     cfg = compose(MODEL)
-    return int(parameter_counts(build_model(cfg, DATASET_SHAPES[cfg.data.name]))["total"])
+    return int(parameter_counts(build_model(cfg, DATASETS[cfg.data.name]))["total"])
 
 
 def main() -> None:

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from dvp.core.config import compose, experiments, from_dict, to_dict
+from dvp.core.config import experiments, to_dict
 from dvp.core.errors import ConfigError
+from dvp.train.config import compose, from_dict
 
 
 def test_defaults_compose_and_experiments_merge_on_top() -> None:
@@ -66,12 +67,26 @@ def test_cli_bad_key_exits_2_with_one_line() -> None:
 def test_every_numeric_key_has_a_range_and_every_nullable_key_a_type() -> None:
     from omegaconf import OmegaConf
 
-    from dvp.core.config import CHOICES, CONFIG_DIR, NULLABLE, RANGES, _leaves
-    defaults = dict(_leaves(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "defaults.yaml"))))
-    numeric = {k for k, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    numeric |= {k for k, t in NULLABLE.items() if t in (int, float)}
-    assert numeric - set(CHOICES) - {"model.latent_scales"} <= set(RANGES), numeric - set(RANGES)
-    assert set(RANGES) <= set(defaults) and set(NULLABLE) == {k for k, v in defaults.items() if v is None}
+    from dvp.core.config import CONFIG_DIR, SCHEMA
+    defaults = dict(SCHEMA.leaves(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "defaults.yaml"))))
+    keys = SCHEMA.keys
+    numeric = {k for k, s in keys.items() if s.type in (int, float)}
+    ranges = {k for k, s in keys.items() if s.range is not None}
+    assert numeric - {k for k, s in keys.items() if s.choices} <= ranges, numeric - ranges
+    assert set(keys) == set(defaults) and {k for k, s in keys.items() if s.nullable} == {
+        k for k, v in defaults.items() if v is None}
+    assert all(keys[k].type in (int, float, str, bool) for k, v in defaults.items() if v is None)
+    assert all(s.comment for s in keys.values())
+
+
+def test_a_numeric_key_without_a_range_is_an_error_of_the_schema_file(tmp_path) -> None:
+    from dvp.core.schema import load_schema
+    (tmp_path / "defaults.yaml").write_text("a:\n  lr: 0.1   # learning rate\n")
+    with pytest.raises(ValueError, match="numeric key 'a.lr' declares no range"):
+        load_schema(tmp_path / "defaults.yaml", "config key")
+    (tmp_path / "defaults.yaml").write_text("a:\n  lr: 0.1   # {> 0} learning rate\n  b: null\n")
+    with pytest.raises(ValueError, match="key 'a.b' has no comment"):
+        load_schema(tmp_path / "defaults.yaml", "config key")
 
 
 @pytest.mark.parametrize("key,bad,good", [

@@ -105,3 +105,26 @@ def test_the_layer_check_finds_an_upward_import() -> None:
     with pytest.raises(AssertionError):
         assert _violations({"dvp.model.vae": {"dvp.train.loop"}}) == []
     assert _violations({"dvp.train.loop": {"dvp.model.vae"}}) == []
+
+
+GROUND_FLOOR_WORDS = ("digits", "mnist", "omniglot", "cifar10", "cifar", "npz", "dvp_vae", "vampprior", "ladder",
+                      "groupnorm", "bernoulli", "logistic_mixture", "unet")
+"""What the ground floor (dvp/core) must not name: the datasets, the models, their parts (dvp.data, dvp.model)."""
+
+
+def _ground_floor_mentions(files: dict[str, str]) -> list[str]:
+    """'file: word' for each model or dataset word named in `files` (path -> text), code and prose alike."""
+    return [f"{path}: {word}" for path, text in sorted(files.items()) for word in GROUND_FLOOR_WORDS
+            if re.search(rf"\b{word}\b", text, re.I)]
+
+
+def test_the_ground_floor_names_no_model_or_dataset() -> None:
+    core = {str(p.relative_to(PACKAGE)): p.read_text() for p in (PACKAGE / "core").rglob("*.py")}
+    assert _ground_floor_mentions(core) == []
+
+
+def test_the_ground_floor_check_finds_a_dataset_and_a_model() -> None:
+    old = 'DATASET_SHAPES = {"digits": (1, 8, 8)}\nCHOICES = {"model.name": ("dvp_vae", "ladder", "vampprior")}'
+    assert _ground_floor_mentions({"core/config.py": old}) == [
+        "core/config.py: digits", "core/config.py: dvp_vae", "core/config.py: vampprior", "core/config.py: ladder"]
+    assert _ground_floor_mentions({"x": "(GroupNorm with 16 groups)"}) == ["x: groupnorm"]

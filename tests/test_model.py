@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from dvp.core.config import DATASET_SHAPES, compose
+from dvp.core.config import compose
+from dvp.data.catalog import DATASETS as DATASET_SHAPES
 from dvp.model.blocks import Float32Conv2d
 from dvp.model.objectives import active_units, elbo_stats, importance_sampled_nll
 from dvp.model.pseudo_input import PseudoInput, dct_matrix

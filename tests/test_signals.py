@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dvp.core.errors import Interrupted
-from dvp.core.signals import StopSignals, held
+from dvp.core.signals import StopSignals, held, sigterm_as_sigint
 
 
 def _send(signum: int) -> None:
@@ -39,3 +39,38 @@ def test_held_drops_signals_and_restores_the_handlers() -> None:
         assert {s: signal.getsignal(s) for s in handlers} == handlers
         with pytest.raises(Interrupted, match="SIGTERM"):
             _send(signal.SIGTERM)
+
+
+def test_sigterm_as_sigint_interrupts_like_ctrl_c_and_restores_the_handler() -> None:
+    def before(*_: object) -> None:
+        raise AssertionError("the previous handler ran inside the block")
+
+    old = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(KeyboardInterrupt), sigterm_as_sigint():
+            _send(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.parametrize("statuses, code", [(["TERMINATED", "ERROR"], 0), (["ERROR", "ERROR"], 1),
+                                            (["TERMINATED", "RUNNING"], 130)])
+def test_dvp_sweep_owns_its_exit_code_and_restores_sigterm(monkeypatch: pytest.MonkeyPatch, statuses: list[str],
+                                                           code: int) -> None:
+    """The command, not dvp.tune.sweep, installs the SIGTERM handler (while the sweep runs) and picks the exit code."""
+    from contextlib import nullcontext
+
+    import dvp.cli.sweep as command
+    seen = []
+
+    def fit(spec: object, resumed: bool) -> list[dict]:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return [{"trial_id": str(i), "status": s} for i, s in enumerate(statuses)]
+
+    for name, stub in {"load_sweep": lambda *_: None, "check_folder": lambda _: False, "summarize": lambda *_: None,
+                       "ray_session": lambda _: nullcontext(), "fit": fit}.items():
+        monkeypatch.setattr(command, name, stub)
+    before = signal.getsignal(signal.SIGTERM)
+    assert command.main(["sweep=x"]) == code
+    assert seen[0] is not before and signal.getsignal(signal.SIGTERM) is before

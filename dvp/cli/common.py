@@ -15,9 +15,11 @@ from contextlib import contextmanager, nullcontext
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from dvp.core.config import experiments
+from dvp.core.config import SCHEMA, experiments
 from dvp.core.errors import USER_ERRORS, ConfigError, Interrupted, PeerLost, one_line
 from dvp.core.signals import StopSignals, held
+from dvp.data.catalog import DATASETS
+from dvp.model.checks import MODELS
 from dvp.parallel.context import DistContext, init
 from dvp.parallel.launch import detect
 
@@ -25,12 +27,22 @@ MAIN_KEYS = """
 Main keys (any key of configs/defaults.yaml works as key=value):
   experiment=DATASET/MODEL   one of: {experiments}
   run_dir=DIR                run directory (default runs/<experiment>/<timestamp>)
+  data.name=                 {data_name};  model.name={model_name}
   data.root=DIR              dataset files (e.g. data.root=../shared/data for mnist.npz); data.download=true
   model.latent_scales=[4,4]  latents per resolution, finest first;  model.ctx_size=K  pseudo-input k x k
-  train.lr=  train.batch_size= (global)  train.max_epochs=  train.max_steps=  train.precision=fp32|bf16|fp16
-  train.seed=  dist.zero_stage=0..3  dist.micro_batch=N (per process per forward)  dist.engine=auto|torch|deepspeed
-  eval.is_samples=K          importance samples of the test NLL;  wandb.mode=online|offline|disabled
+  train.lr=  train.batch_size= (global)  train.max_epochs=  train.max_steps=  train.precision={train_precision}
+  train.seed=  dist.zero_stage={dist_zero_stage}  dist.micro_batch=N (per process per forward)
+  dist.engine={dist_engine}
+  eval.is_samples=K          importance samples of the test NLL;  wandb.mode={wandb_mode}
 """
+"""What --help prints after a command's docstring; the choices come from where they are declared."""
+
+
+def main_keys() -> str:
+    """MAIN_KEYS with this checkout's experiments and each key's choices."""
+    choices = {k.replace(".", "_"): "|".join(map(str, s.choices)) for k, s in SCHEMA.keys.items() if s.choices}
+    choices.update({"data_name": "|".join(DATASETS), "model_name": "|".join(MODELS)})
+    return MAIN_KEYS.format_map({"experiments": ", ".join(experiments()), **choices})
 
 
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
@@ -47,7 +59,7 @@ def run_cli(fn: Callable[[list[str]], int], doc: str | None, argv: list[str], st
     """Run `fn(argv)`; '--help' prints the docstring; known user errors exit 2 with one line on stderr.
     `stop_signals=False` leaves SIGINT/SIGTERM to `fn` (Ray Tune handles them itself)."""
     if any(a in ("-h", "--help") for a in argv):
-        print((doc or "").strip() + "\n" + MAIN_KEYS.format(experiments=", ".join(experiments())))
+        print((doc or "").strip() + "\n" + main_keys())
         return 0
     try:
         with StopSignals() if stop_signals else nullcontext():

@@ -11,14 +11,15 @@ import sys
 from omegaconf import OmegaConf
 
 from dvp.cli.common import run_cli
-from dvp.core.config import DATASET_SHAPES, compose
+from dvp.data.catalog import dataset_shape
 from dvp.model.vae import build_model, parameter_counts
+from dvp.train.config import compose
 
 
 def info(overrides: list[str]) -> int:
     """Print the resolved config and the trainable parameters per module, the total last as 'params: N'."""
     cfg = compose(overrides)
-    shape = DATASET_SHAPES.get(cfg.data.name)
+    shape = dataset_shape(cfg.data)
     if shape is None:
         from dvp.data.datasets import load_data_config
         shape = load_data_config(cfg.data).shape

@@ -9,11 +9,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dvp.core.config import from_dict, parse_overrides, split_overrides
+from dvp.core.config import parse_overrides, split_overrides
 from dvp.core.errors import CheckpointError, ConfigError
 from dvp.data.datasets import DataSplits, load_data_config
 from dvp.model.vae import HierarchicalVAE, build_model
 from dvp.train.checkpoint import check_weights_match, load_checkpoint
+from dvp.train.config import from_dict
 
 
 @dataclass

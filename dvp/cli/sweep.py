@@ -24,11 +24,13 @@ table and plots in `<sweep folder>/report/`.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from dvp.cli.common import run_cli
 from dvp.core.errors import ConfigError
+from dvp.core.signals import sigterm_as_sigint
 from dvp.tune.spec import load_sweep
-from dvp.tune.sweep import run_sweep
+from dvp.tune.sweep import DONE, check_folder, fit, ray_session, summarize
 
 
 def _split_sweep(argv: list[str]) -> tuple[str, list[str]]:
@@ -40,8 +42,26 @@ def _split_sweep(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def sweep_cli(argv: list[str]) -> int:
+    """Load and check the sweep, run it to its end (SIGTERM stops it as Ctrl-C does: Tune saves and stops on
+    SIGINT), summarize it; exit 130 when trials are unfinished (rerun to resume), 1 when every trial failed."""
     name, rest = _split_sweep(argv)
-    return run_sweep(load_sweep(name, rest))
+    spec = load_sweep(name, rest)
+    resumed = check_folder(spec)
+    with ray_session(spec), sigterm_as_sigint():       # after ray.init, whose own SIGTERM handler it replaces
+        rows = fit(spec, resumed)
+    summarize(spec, rows)
+    return _exit_code(rows)
+
+
+def _exit_code(rows: list[dict[str, Any]]) -> int:
+    unfinished = [r["trial_id"] for r in rows if r["status"] not in DONE]
+    if unfinished:
+        print(f"interrupted: {len(unfinished)} trials unfinished; run the same command to resume", file=sys.stderr)
+        return 130
+    if rows and all(r["status"] == "ERROR" for r in rows):
+        print("error: every trial failed; see the errors above", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import os
 import sys
 
 from dvp.cli.common import launch_context, peers_watched, run_cli, without_local_rank
-from dvp.core.config import compose
+from dvp.train.config import compose
 from dvp.train.loop import train
 
 

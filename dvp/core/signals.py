@@ -10,6 +10,9 @@ command.
     with held():                            # a signal is dropped: the seconds in which a failing job names
         ...                                 # its lost peer (torchrun signals the survivors once a rank dies)
 
+    with sigterm_as_sigint():               # SIGTERM as Ctrl-C, for Ray Tune (dvp-sweep)
+        ...
+
 Outside `deferred()` the handler raises `Interrupted` at once (Python runs handlers between bytecodes, so a
 long evaluation ends within one forward pass); inside it the signal is remembered and the training loop stops
 at the next step boundary, after saving. Handlers are installed only from the main thread (elsewhere, e.g. in a
@@ -17,6 +20,7 @@ Ray Train worker thread, this is a no-op) and the previous handlers are restored
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -77,6 +81,21 @@ class StopSignals:
             yield
         finally:
             self._defer = outer
+
+
+@contextmanager
+def sigterm_as_sigint() -> Iterator[None]:
+    """Within the block SIGTERM interrupts as Ctrl-C does (a SIGINT to this process), for a library that stops
+    cleanly only on SIGINT (Ray Tune saves the experiment and returns); the previous handler is restored after it.
+    A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @contextmanager

@@ -41,11 +41,9 @@ import torch
 
 from dvp.core.errors import DataError
 from dvp.core.file_kind import text_start
+from dvp.data.catalog import DATASETS
 
 __all__ = ["DATASETS", "DataSplits", "load_data", "load_data_config"]
-
-DATASETS: tuple[str, ...] = ("digits", "mnist", "omniglot", "cifar10", "npz")
-"""The accepted values of ``data.name``."""
 
 _DIGITS_TEST_SIZE = 297
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",

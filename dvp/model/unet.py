@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from dvp.core.noise import Noise
 from dvp.model.blocks import Float32Conv2d
+from dvp.model.checks import GROUPS
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -123,7 +124,7 @@ class UNet(nn.Module):
     """eps_hat(z_t, t): [B, C, k, k] x [B] -> [B, C, k, k] (see the module docstring for the layout)."""
 
     def __init__(self, in_channels: int, model_channels: int, num_res_blocks: int, dropout: float,
-                 num_groups: int = 16) -> None:
+                 num_groups: int = GROUPS) -> None:
         super().__init__()
         mc = model_channels
         self.model_channels = mc

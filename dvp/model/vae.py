@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dvp.core.config import group_resolutions
 from dvp.core.noise import Noise, randn_like
 from dvp.model.blocks import DecoderResBlock, EncoderResBlock, conv
+from dvp.model.checks import group_resolutions
 from dvp.model.diffusion import DiffusionPrior
 from dvp.model.likelihoods import Bernoulli, LogisticMixture
 from dvp.model.pseudo_input import PseudoInput

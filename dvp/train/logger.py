@@ -27,11 +27,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dvp.core.config import SCHEMA
 from dvp.core.paths import replace_atomically
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES = SCHEMA.keys["wandb.mode"].choices     # configs/defaults.yaml lists them
+
+
+def offline_without_credentials(mode: str, warn: Callable[[str], None]) -> str:
+    """`mode`, or "offline" (after one warning line) when it is "online" and no wandb credentials are configured."""
+    import wandb
+    if mode == "online" and not wandb.login(prompt=False, verify=False):
+        warn("warning: no wandb credentials found; logging to wandb offline")
+        return "offline"
+    return mode
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -143,9 +153,7 @@ class RunLogger:
         """Start (or resume) the wandb run whose id is kept in `run_dir/wandb_id.txt`."""
         import wandb
 
-        if mode == "online" and not wandb.login(prompt=False, verify=False):
-            self._print("warning: no wandb credentials found; logging to wandb offline")
-            mode = "offline"
+        mode = offline_without_credentials(mode, self._print)
         id_path = self.run_dir / WANDB_ID_FILE
         if not id_path.exists():
             id_path.write_text(secrets.token_hex(4) + "\n")

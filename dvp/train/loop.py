@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dvp.core.config import from_dict, parse_overrides, split_overrides, to_dict, validate
+from dvp.core.config import parse_overrides, split_overrides, to_dict
 from dvp.core.errors import ConfigError, Interrupted, TrainingStopped
 from dvp.core.paths import check_output_dir, replace_atomically
 from dvp.core.signals import SIGNALS, StopSignals, signal_name
@@ -55,6 +55,7 @@ from dvp.parallel.context import DistContext, init
 from dvp.parallel.launch import detect
 from dvp.train.checkpoint import load_checkpoint
 from dvp.train.checkpointer import Checkpointer, LoopState
+from dvp.train.config import from_dict, validate
 from dvp.train.engine import Engine, StepStats
 from dvp.train.logger import RunLogger
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dvp.core.errors import ConfigError
+from dvp.train.logger import offline_without_credentials
 from dvp.tune.spec import SCHEDULERS, SEARCHERS, SweepSpec
 from dvp.tune.worker import train_worker
 
@@ -117,11 +118,7 @@ def wandb_callbacks(spec: SweepSpec) -> list[Any]:
     """[WandbTrials] unless wandb is disabled; online without credentials falls back to offline."""
     if spec.wandb["mode"] == "disabled":
         return []
-    import wandb
-    mode = spec.wandb["mode"]
-    if mode == "online" and not wandb.login(prompt=False, verify=False):
-        print("warning: no wandb credentials found; the sweep logs to wandb offline", file=sys.stderr)
-        mode = "offline"
+    mode = offline_without_credentials(spec.wandb["mode"], lambda line: print(line, file=sys.stderr, flush=True))
     return [_wandb_trials_class()(spec, mode)]
 
 

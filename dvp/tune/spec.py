@@ -1,6 +1,9 @@
 """A sweep file (`sweeps/<name>.yaml`): what to train, over which axes, how to search and stop, on what resources.
 Loaded and checked in full before Ray starts: an unknown key, a value of the wrong type, an axis that names no
-config key or a value that config would refuse is a one-line ConfigError naming it.
+config key or a value that config would refuse is a one-line ConfigError naming it. The keys, their defaults,
+types, ranges and comments are configs/sweep.yaml, read by the run config's schema mechanism (dvp.core.schema).
+`load_sweep` parses (the file and the command line), merges (over the defaults) and checks (the sweep's keys,
+then every trial's config as dvp-train would check it).
 
     spec = load_sweep("digits_depth_pseudo", ["num_samples=2", "train.max_epochs=3"])
     spec.param_space()                    # Tune's search space: {"arm": ..., "space": {...}}
@@ -28,8 +31,11 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from dvp.core.config import CHOICES, compose, experiments, split_overrides, validate
+from dvp.core.config import CONFIG_DIR, experiments, split_overrides
+from dvp.core.config import SCHEMA as RUN_SCHEMA
 from dvp.core.errors import ConfigError
+from dvp.core.schema import load_schema
+from dvp.train.config import compose, validate
 
 SWEEP_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 TRAIN_SECTIONS = ("data", "model", "train", "dist", "eval")
@@ -51,35 +57,8 @@ SCHEDULERS = {"asha": "ray.tune.schedulers.ASHAScheduler", "fifo": "ray.tune.sch
               "bohb": "ray.tune.schedulers.HyperBandForBOHB"}
 """scheduler.name, with keyword arguments next to it; time_attr defaults to `epoch` (finished epochs)."""
 
-DEFAULTS: dict[str, Any] = {
-    "name": None,                 # the sweep's folder under `storage` and its wandb group (default: file name)
-    "description": "",            # one line shown in the report
-    "experiments": None,          # {experiment: {dotted.key: [values]}}: families and their own grid axes
-    "space": {},                  # {dotted.key: DOMAIN}: axes shared by every family
-    "overrides": [],              # ["key=value", ...]: fixed for every trial
-    "metric": "val/nelbo",        # what the scheduler and the best trial use (val/<any validation key>)
-    "mode": "min",                # min | max
-    "search": {"algorithm": "basic"},     # basic | a Tune searcher by name (SEARCHERS), + its kwargs
-    "scheduler": {"name": "asha"},        # a Tune scheduler by name (SCHEDULERS), + its kwargs
-    "num_samples": 1,             # samples of the space (the grid is repeated num_samples times)
-    "max_concurrent_trials": 0,   # trials at once (0: as many as the cluster's CPUs / GPUs hold)
-    "resources": {"workers": 2,   # Ray Train workers (DeepSpeed processes) per trial, or [min, max] (elastic)
-                  "cpus_per_worker": 1.0,   # CPUs per worker (also its torch threads when it has no GPU)
-                  "gpus_per_worker": 0.0,   # GPUs per worker: 0 (CPU workers) or a whole number (no sharing)
-                  "check": True},           # refuse requests the cluster cannot hold (false: an autoscaler adds nodes)
-    "max_failures": 2,            # restarts of a trial whose worker dies (from its last checkpoint)
-    "storage": "runs/sweeps",     # where the sweep folder goes: a local folder, NFS, or s3://bucket/prefix
-    "report": True,               # write the table and plots (dvp-report) into <sweep folder>/report/ at the end
-    "wandb": {"project": "dvp",   # wandb project of the trials (group: the sweep's name)
-              "entity": None,     # wandb entity
-              "mode": "offline"},  # online | offline | disabled
-    "ray": {"address": None,      # an existing Ray cluster (else RAY_ADDRESS, else a private local Ray)
-            "num_cpus": None,     # CPUs of the private local Ray (default: this machine's)
-            "num_gpus": None,     # GPUs of the private local Ray (default: detected)
-            "nodes": 1,           # wait (up to ray.wait_s) until the cluster has this many live nodes
-            "wait_s": 300},       # how long to wait for them (Slurm's `srun ray start`, an autoscaler's min_workers)
-}
-NULLABLE = {"name": str, "wandb.entity": str, "ray.address": str, "ray.num_cpus": int, "ray.num_gpus": int}
+SCHEMA = load_schema(CONFIG_DIR / "sweep.yaml", "sweep key", base=RUN_SCHEMA, out_of_range="must be")
+"""Every key of a sweep file: default, type, range, choices and comment, read from configs/sweep.yaml."""
 
 
 def find_sweep(name: str) -> Path:
@@ -194,59 +173,21 @@ class SweepSpec:
 
 
 # ---- loading and checking ------------------------------------------------------------------------------------------
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and f"{prefix}{k}" in ("search", "scheduler", "resources", "wandb", "ray"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _check_keys(raw: dict[str, Any], where: str) -> None:
-    """Unknown keys and wrong types of the sweep file itself (search / scheduler take any extra kwargs)."""
-    known = _flat(DEFAULTS)
-    for key, value in _flat(raw).items():
-        section = key.split(".")[0]
-        if key not in known:
-            if section in ("search", "scheduler") and "." in key:
-                continue
-            raise ConfigError(f"{where}: unknown sweep key '{key}'; allowed: {', '.join(sorted(known))}")
-        default = known[key]
-        if value is None:
-            if key in NULLABLE:
-                continue
-            raise ConfigError(f"{where}: sweep key '{key}' cannot be null")
-        want = NULLABLE.get(key) if default is None else type(default)
-        if key == "resources.workers":
-            ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-                isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value))
-        elif want is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif want is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = want is None or isinstance(value, want)
-        if not ok:
-            shown = "an integer or [min, max]" if key == "resources.workers" else (want.__name__ if want else "?")
-            raise ConfigError(f"{where}: sweep key '{key}' expects {shown}, got {value!r}")
-
-
-def _arms(experiments_: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    if not isinstance(experiments_, dict) or not experiments_:
-        raise ConfigError(f"{where}: 'experiments' must map each experiment (one of {', '.join(experiments())}) to "
+def _arms(experiments_: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One dict of overrides per family x point of the family's own grid."""
+    if not experiments_:
+        raise ConfigError(f"'experiments' must map each experiment (one of {', '.join(experiments())}) to "
                           "its own axes, e.g. {{digits/dvp_vae: {{model.ctx_size: [2, 4]}}}}")
     arms = []
     for name, axes in experiments_.items():
         if name not in experiments():
-            raise ConfigError(f"{where}: experiment '{name}' not found; allowed: {', '.join(experiments())}")
+            raise ConfigError(f"experiment '{name}' not found; allowed: {', '.join(experiments())}")
         axes = axes or {}
         if not isinstance(axes, dict):
-            raise ConfigError(f"{where}: experiments.{name} must map dotted config keys to lists of values")
+            raise ConfigError(f"experiments.{name} must map dotted config keys to lists of values")
         for key, values in axes.items():
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}: experiments.{name}.{key} must be a non-empty list of values "
+                raise ConfigError(f"experiments.{name}.{key} must be a non-empty list of values "
                                   f"(e.g. [2, 4]), got {values!r}")
         keys = list(axes)
         for point in itertools.product(*(axes[k] for k in keys)):
@@ -316,6 +257,18 @@ def load_sweep(name: str, argv: list[str] | None = None) -> SweepSpec:
     """Read sweeps/<name>.yaml (or a file), apply `key=value` arguments (sweep keys, or trial overrides for keys
     under data/model/train/dist/eval), and check everything; ConfigError on the first problem."""
     path = find_sweep(name)
+    raw, extra, where = _parse(path, list(argv or []))
+    try:
+        spec = _check(raw, _merge(raw, extra), path)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    _check_trials(spec, where)
+    return spec
+
+
+def _parse(path: Path, argv: list[str]) -> tuple[dict[str, Any], list[tuple[str, str]], str]:
+    """The sweep file with the command line's sweep keys set, the command line's trial overrides, and how errors
+    name the sweep."""
     where = f"sweep {path}"
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -324,7 +277,7 @@ def load_sweep(name: str, argv: list[str] | None = None) -> SweepSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a mapping of sweep keys")
     extra, sets = [], []
-    for key, value in split_overrides(list(argv or [])):
+    for key, value in split_overrides(argv):
         (extra if key.split(".")[0] in TRAIN_SECTIONS else sets).append((key, value))
     if sets:
         try:
@@ -334,60 +287,54 @@ def load_sweep(name: str, argv: list[str] | None = None) -> SweepSpec:
         raw = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(raw), OmegaConf.create(cli)))
         where = f"{where} (with {' '.join(f'{k}={v}' for k, v in sets)})"
     raw.setdefault("name", path.stem)
-    given = {k for k, _ in extra}            # the command line's trial overrides replace the file's
+    return raw, extra, where
+
+
+def _merge(raw: dict[str, Any], extra: list[tuple[str, str]]) -> dict[str, Any]:
+    """The file's keys (typed by SCHEMA) over the defaults, its overrides replaced by the command line's."""
+    given = {k for k, _ in extra}
     raw["overrides"] = [o for o in raw.get("overrides") or [] if o.split("=", 1)[0] not in given]
     raw["overrides"] += [f"{k}={v}" for k, v in extra]
-    _check_keys(raw, where)
-    merged = {k: ({**v, **raw.get(k, {})} if isinstance(v, dict) else raw.get(k, v)) for k, v in DEFAULTS.items()}
+    SCHEMA.check_types(raw)
+    merged = {k: ({**v, **raw.get(k, {})} if isinstance(v, dict) and k != "space" else raw.get(k, v))
+              for k, v in SCHEMA.defaults().items()}
     merged["space"] = raw.get("space") or {}
-    if not isinstance(merged["space"], dict):
-        raise ConfigError(f"{where}: 'space' must map dotted config keys to domains")
+    return merged
+
+
+def _check(raw: dict[str, Any], merged: dict[str, Any], path: Path) -> SweepSpec:
+    """The sweep's own checks of `merged` (the trials' configs are `_check_trials`'), then the SweepSpec (`raw`: the
+    file and command line as given, what the sweep folder records)."""
     for o in merged["overrides"]:
         if o.split("=")[0] in ("run_dir", "experiment"):
-            raise ConfigError(f"{where}: override '{o}' is set per trial by the sweep; remove it")
+            raise ConfigError(f"override '{o}' is set per trial by the sweep; remove it")
     r = merged["resources"]
     workers = r["workers"] if isinstance(r["workers"], list) else [r["workers"], r["workers"]]
     if not 1 <= workers[0] <= workers[1]:
-        raise ConfigError(f"{where}: resources.workers={r['workers']} needs 1 <= min <= max")
-    if r["cpus_per_worker"] <= 0 or r["gpus_per_worker"] < 0:
-        raise ConfigError(f"{where}: resources.cpus_per_worker must be > 0 and gpus_per_worker >= 0")
-    if r["gpus_per_worker"] != int(r["gpus_per_worker"]):
-        raise ConfigError(f"{where}: resources.gpus_per_worker={r['gpus_per_worker']} shares a GPU between workers, "
-                          "which NCCL refuses (two ranks on one GPU); use 0 (CPU) or a whole number of GPUs")
-    if merged["mode"] not in ("min", "max"):
-        raise ConfigError(f"{where}: mode={merged['mode']!r}; choose min or max")
-    if merged["search"]["algorithm"] not in SEARCHERS:
-        raise ConfigError(f"{where}: search.algorithm={merged['search']['algorithm']!r}; choose one of "
-                          f"{', '.join(SEARCHERS)}")
-    if merged["scheduler"].get("name") not in SCHEDULERS:
-        raise ConfigError(f"{where}: scheduler.name={merged['scheduler'].get('name')!r}; choose one of "
-                          f"{', '.join(SCHEDULERS)}")
-    if merged["wandb"]["mode"] not in CHOICES["wandb.mode"]:
-        raise ConfigError(f"{where}: wandb.mode={merged['wandb']['mode']!r}; choose one of "
-                          f"{', '.join(CHOICES['wandb.mode'])}")
-    for key in ("num_samples",):
-        if merged[key] < 1:
-            raise ConfigError(f"{where}: {key}={merged[key]} must be >= 1")
+        raise ConfigError(f"resources.workers={r['workers']} needs 1 <= min <= max")
     if merged["ray"]["nodes"] < 1 or merged["ray"]["wait_s"] <= 0:
-        raise ConfigError(f"{where}: ray.nodes must be >= 1 and ray.wait_s > 0 (got {merged['ray']['nodes']} and "
+        raise ConfigError(f"ray.nodes must be >= 1 and ray.wait_s > 0 (got {merged['ray']['nodes']} and "
                           f"{merged['ray']['wait_s']})")
-    for key in ("max_concurrent_trials", "max_failures"):
-        if merged[key] < 0:
-            raise ConfigError(f"{where}: {key}={merged[key]} must be >= 0")
+    SCHEMA.check_values(merged)
+    if r["gpus_per_worker"] != int(r["gpus_per_worker"]):
+        raise ConfigError(f"resources.gpus_per_worker={r['gpus_per_worker']} shares a GPU between workers, "
+                          "which NCCL refuses (two ranks on one GPU); use 0 (CPU) or a whole number of GPUs")
+    if merged["search"]["algorithm"] not in SEARCHERS:
+        raise ConfigError(f"search.algorithm={merged['search']['algorithm']!r}; choose one of {', '.join(SEARCHERS)}")
+    if merged["scheduler"].get("name") not in SCHEDULERS:
+        raise ConfigError(f"scheduler.name={merged['scheduler'].get('name')!r}; choose one of "
+                          f"{', '.join(SCHEDULERS)}")
     if not str(merged["name"]).replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"{where}: name={merged['name']!r} may hold letters, digits, - and _ only (a folder name)")
-    spec = SweepSpec(name=merged["name"], path=str(path), raw={**raw, "name": merged["name"]},
-                     arms=_arms(merged["experiments"], where), space=merged["space"],
+        raise ConfigError(f"name={merged['name']!r} may hold letters, digits, - and _ only (a folder name)")
+    return SweepSpec(name=merged["name"], path=str(path), raw={**raw, "name": merged["name"]},
+                     arms=_arms(merged["experiments"]), space=merged["space"],
                      overrides=merged["overrides"], metric=merged["metric"], mode=merged["mode"],
                      search=merged["search"], scheduler=merged["scheduler"], num_samples=merged["num_samples"],
                      max_concurrent_trials=merged["max_concurrent_trials"],
                      resources=Resources((workers[0], workers[1]), float(r["cpus_per_worker"]),
                                          float(r["gpus_per_worker"]), bool(r["check"])),
                      max_failures=merged["max_failures"], storage=_absolute(str(merged["storage"])),
-                     wandb=merged["wandb"],
-                     ray=merged["ray"], report=bool(merged["report"]))
-    _check_trials(spec, where)
-    return spec
+                     wandb=merged["wandb"], ray=merged["ray"], report=bool(merged["report"]))
 
 
 def _absolute(storage: str) -> str:

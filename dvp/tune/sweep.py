@@ -1,15 +1,16 @@
-"""A Ray Tune sweep run to its end: the Ray cluster it runs on (joined or private), the resume of an interrupted
-sweep, the trials' summary table and `best.json`, then the report. The command is dvp.cli.sweep (dvp-sweep)."""
+"""A Ray Tune sweep run to its end: the Ray cluster it runs on (joined or private: `ray_session`), the resume of an
+interrupted sweep (`check_folder`), the trials (`fit`), their summary table, `best.json` and the report
+(`summarize`). The command, dvp.cli.sweep (dvp-sweep), puts them together and owns its signals and exit codes."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import shutil
-import signal
-import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from dvp.tune.storage import read_text, stage, upload, write_text
 from dvp.tune.trials import best_record, validations
 
 DONE = ("TERMINATED", "ERROR")
+"""Tune's statuses of a trial that has ended (any other: unfinished, resumed by the same command)."""
 RUNTIME_ENV = {"worker_process_setup_hook": "dvp.tune.node.setup_process"}
 """The sweep's Ray job: each worker process first picks the network interface of its node's Ray address."""
 
@@ -222,27 +224,35 @@ def _report(spec: SweepSpec, view: Path, rows: list[dict[str, Any]]) -> str:
     return f"{spec.sweep_dir}/report ({len(written)} files); again: {again}"
 
 
-# ---- the command --------------------------------------------------------------------------------------------------
-def run_sweep(spec: SweepSpec) -> int:
-    """Start or resume the sweep, wait for it, write best.json and print the summary; returns the exit code."""
-    resumed = check_folder(spec)
+# ---- the sweep -------------------------------------------------------------------------------------------------
+@contextmanager
+def ray_session(spec: SweepSpec) -> Iterator[None]:
+    """The Ray cluster of the sweep for the block: joined, or a private local one stopped and removed after it."""
     private = start_ray(spec)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))   # Tune stops cleanly on SIGINT
     try:
-        concurrent = check_resources(spec)
-        if not resumed:
-            record_sweep(spec)
-        print(f"sweep {spec.name}: {len(spec.arms)} arms x {spec.num_samples} samples, {concurrent} at once, "
-              f"folder {spec.sweep_dir}" + (" (resumed)" if resumed else ""), flush=True)
-        print(f"dvp {dvp.__version__} from {Path(dvp.__file__).parent}, Ray cluster {ray_address()}", flush=True)
-        tuner = restore_tuner(spec) if resumed and can_restore(spec) else make_tuner(spec, concurrent)
-        tuner.fit()
-        rows = trials(spec)
+        yield
     finally:
         if private:
             import ray
             ray.shutdown()
             shutil.rmtree(private, ignore_errors=True)
+
+
+def fit(spec: SweepSpec, resumed: bool) -> list[dict[str, Any]]:
+    """Start (or resume) the sweep on the joined Ray cluster and wait for it; returns its trials (`trials`)."""
+    concurrent = check_resources(spec)
+    if not resumed:
+        record_sweep(spec)
+    print(f"sweep {spec.name}: {len(spec.arms)} arms x {spec.num_samples} samples, {concurrent} at once, "
+          f"folder {spec.sweep_dir}" + (" (resumed)" if resumed else ""), flush=True)
+    print(f"dvp {dvp.__version__} from {Path(dvp.__file__).parent}, Ray cluster {ray_address()}", flush=True)
+    tuner = restore_tuner(spec) if resumed and can_restore(spec) else make_tuner(spec, concurrent)
+    tuner.fit()
+    return trials(spec)
+
+
+def summarize(spec: SweepSpec, rows: list[dict[str, Any]]) -> None:
+    """Print the trials' table, write best.json and the report, and say where."""
     with tempfile.TemporaryDirectory(prefix="dvp-sweep-view-") as local:
         view, checkpoints = _view(spec, Path(local))
         values = best_values(spec, view, rows)
@@ -253,11 +263,3 @@ def run_sweep(spec: SweepSpec) -> int:
             print(f"best: trial {best['trial_id']} {spec.metric} {best['value']:.4f}\n  checkpoint: "
                   f"{best['checkpoint']}\n  reproduce: {best['command']}", flush=True)
         print(f"report: {_report(spec, view, rows)}", flush=True)
-    unfinished = [r["trial_id"] for r in rows if r["status"] not in DONE]
-    if unfinished:
-        print(f"interrupted: {len(unfinished)} trials unfinished; run the same command to resume", file=sys.stderr)
-        return 130
-    if rows and all(r["status"] == "ERROR" for r in rows):
-        print("error: every trial failed; see the errors above", file=sys.stderr)
-        return 1
-    return 0

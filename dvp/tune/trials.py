@@ -13,8 +13,9 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from dvp.core.config import DATASET_SHAPES, compose, from_dict
+from dvp.core.config import compose, from_dict
 from dvp.core.errors import ConfigError
+from dvp.data.catalog import DATASETS
 from dvp.model.vae import build_model, parameter_counts
 from dvp.train.checkpoint import load_checkpoint
 from dvp.train.logger import read_metrics
@@ -89,8 +90,8 @@ def _trial_config(spec: SweepSpec, run_dir: Path, config: dict[str, Any]) -> Any
 
 def _image_shape(cfg: Any, run_dir: Path) -> tuple[int, int, int] | None:
     """The dataset's image shape, or a checkpoint's (npz data), or None."""
-    if cfg.data.name in DATASET_SHAPES:
-        return DATASET_SHAPES[cfg.data.name]
+    if DATASETS.get(cfg.data.name):
+        return DATASETS[cfg.data.name]
     for name in ("best.pt", "last.pt"):
         path = run_dir / "checkpoints" / name
         if path.is_file():
