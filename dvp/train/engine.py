@@ -226,11 +226,8 @@ class Engine(ABC):
 
     # ---- state ------------------------------------------------------------------------------------------------
     @property
-    def applied_steps(self) -> int:
-        return int(self.counts[0])          # a read of the device: off the step's path
-
-    @property
     def skipped_total(self) -> int:
+        """Skipped steps so far (a read of the device: off the step's path)."""
         return int(self.counts[1])
 
     @property
